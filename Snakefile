@@ -1,0 +1,22 @@
+# LLM life cycle: download -> cache_to_shm -> convert_to_gguf -> quantize (-> evaluate ...).
+# The logic lives in the `llmpipe` package (src/llmpipe); rules and scripts are thin adapters.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, schema="workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/fetch.smk"
+include: "workflow/rules/gguf.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_outputs(),

@@ -1,0 +1,104 @@
+"""The user's config: checks beyond the JSON schema, and the tables the workflow expands.
+
+The schema (workflow/schemas/config.schema.yaml) checks types, names and enums; this module checks
+what spans several keys and what needs the file system. Imported by the Snakefile: keep it free of
+heavy imports (no torch, no transformers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmpipe.errors import ConfigError
+
+# llama.cpp's quantization types that need no importance matrix, as `llama-quantize --help`
+# names them; each maps to the LLAMA_FTYPE_* constant of the same name (tested against llama_cpp).
+QUANT_TYPES = (
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+    "IQ3_XXS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
+    "F16", "BF16", "F32",
+)  # fmt: skip
+# These produce garbage (or llama.cpp refuses them) without an importance matrix.
+IMATRIX_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
+
+# The converter's --outtype values and the variant name the reference GGUF gets.
+OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+
+
+def reference_variant(config: dict) -> str:
+    """Name of the GGUF the converter writes, which every quantization starts from (e.g. F16)."""
+    return OUTTYPES[config["convert"]["outtype"]]
+
+
+def quant_types(config: dict) -> list[str]:
+    return list(config["quantize"]["types"])
+
+
+def model_ids(config: dict) -> list[str]:
+    return list(config["models"])
+
+
+def check(config: dict, workdir: str | Path = ".") -> None:
+    """Cross-key checks after schema validation; a ConfigError names key, value and expectation."""
+    if not config["models"]:
+        raise ConfigError("models: is empty (expected at least one model entry)")
+    ref = reference_variant(config)
+    for quant in quant_types(config):
+        if quant in IMATRIX_TYPES:
+            raise ConfigError(
+                f"quantize.types: '{quant}' needs an importance matrix, which this workflow does "
+                f"not compute; choose one of {', '.join(QUANT_TYPES)}"
+            )
+        if quant not in QUANT_TYPES:
+            raise ConfigError(
+                f"quantize.types: unknown type '{quant}' (expected one of {', '.join(QUANT_TYPES)})"
+            )
+        if quant == ref:
+            raise ConfigError(
+                f"quantize.types: '{quant}' is already the reference GGUF written by "
+                f"convert.outtype={config['convert']['outtype']}; remove it from the list"
+            )
+    dupes = {q for q in quant_types(config) if quant_types(config).count(q) > 1}
+    if dupes:
+        raise ConfigError(f"quantize.types: listed twice: {', '.join(sorted(dupes))}")
+    for model_id, spec in config["models"].items():
+        _check_model(model_id, spec)
+    prompts = Path(workdir, config["prompts"])
+    if not prompts.is_file():
+        raise ConfigError(f"prompts: file {prompts} does not exist (expected one prompt per line)")
+
+
+_SOURCE_KEYS = {"package": ("package", "file"), "dir": ("path",), "hub": ("repo_id",)}
+
+
+def _check_model(model_id: str, spec: dict) -> None:
+    if model_id in (".", "..") or model_id.startswith("."):
+        raise ConfigError(f"models.{model_id}: a model id may not start with '.'")
+    kind = spec["source"]
+    for key in _SOURCE_KEYS[kind]:
+        if not spec.get(key):
+            raise ConfigError(
+                f"models.{model_id}.{key}: missing (required when source is '{kind}')"
+            )
+    if kind == "dir" and not Path(spec["path"]).is_absolute():
+        raise ConfigError(
+            f"models.{model_id}.path: '{spec['path']}' is relative (expected an absolute path on "
+            f"shared storage, e.g. /scratch/ai/llms/<name>)"
+        )
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line (as the seed's farm script takes them); blank lines are skipped.
+
+    A literal backslash-n inside a line becomes a newline, so multi-line prompts fit on one line.
+    """
+    path = Path(path)
+    prompts = [
+        line.replace("\\n", "\n")
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    if not prompts:
+        raise ConfigError(f"prompts: {path} has no prompts (expected one prompt per line)")
+    return prompts

@@ -1,0 +1,133 @@
+"""What produced a result: package versions, git revision, host and hardware, Slurm job, seeds.
+
+``collect()`` is cheap (no torch import) and is stored under ``"provenance"`` in every record.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from llmpipe.paths import REPO_ROOT
+
+PACKAGES = (
+    "llmpipe",
+    "snakemake",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "huggingface_hub",
+    "llama_cpp_python",
+    "gguf",
+    "numpy",
+    "pandas",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+@functools.cache
+def git_revision(repo: Path = REPO_ROOT) -> dict[str, object]:
+    """The workflow's commit and whether the tree had uncommitted changes."""
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+        )
+        return {"commit": rev, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def total_memory_mb() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+@functools.cache
+def gpus() -> list[dict[str, str]]:
+    """GPUs as nvidia-smi reports them (name, memory, driver); empty without a driver."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out.strip().splitlines():
+        name, mem, driver = (part.strip() for part in line.split(","))
+        rows.append({"name": name, "memory": mem, "driver": driver})
+    return rows
+
+
+def slurm_job() -> dict[str, str] | None:
+    keys = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_PARTITION", "SLURM_JOB_GPUS")
+    found = {k.lower(): os.environ[k] for k in keys if k in os.environ}
+    return found or None
+
+
+def collect(seed: int | None = None) -> dict[str, object]:
+    """Everything needed to reproduce or compare a result, safe to publish (no env dump)."""
+    return {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "memory_mb": total_memory_mb(),
+        "gpus": gpus(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "slurm": slurm_job(),
+        "git": git_revision(),
+        "packages": package_versions(),
+        "seed": seed,
+    }
