@@ -1,6 +1,6 @@
 # LLM life cycle: download -> cache_to_shm -> convert_to_gguf -> quantize (-> evaluate ...).
 # The logic lives in the `llmpipe` package (src/llmpipe); rules and scripts are thin adapters.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -8,9 +8,7 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-validate(config, schema="workflow/schemas/config.schema.yaml")
-
-
+# common.smk validates the config against workflow/schemas/config.schema.yaml first.
 include: "workflow/rules/common.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/gguf.smk"

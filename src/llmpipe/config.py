@@ -7,7 +7,10 @@ heavy imports (no torch, no transformers).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+
+import yaml
 
 from llmpipe.errors import ConfigError
 
@@ -24,6 +27,48 @@ IMATRIX_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_
 
 # The converter's --outtype values and the variant name the reference GGUF gets.
 OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+
+
+def validate(config: dict, schema_path: str | Path) -> dict:
+    """Fill defaults from the schema into ``config`` (in place), then validate it.
+
+    Like snakemake.utils.validate, but a failure is one line naming the key path, the value and
+    what was expected (Snakemake's own message dumps the whole sub-schema).
+    """
+    from jsonschema import Draft202012Validator
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    _fill_defaults(config, schema)
+    errors = sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        where = _key_path(err.absolute_path) or "config"
+        expected = err.schema.get("description", "").split(".")[0]
+        hint = f" (expected: {expected})" if expected and err.validator != "enum" else ""
+        raise ConfigError(f"{where}: {err.message}{hint}")
+    return config
+
+
+def _fill_defaults(node: object, schema: dict) -> None:
+    if not isinstance(node, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        if key not in node and "default" in sub:
+            node[key] = copy.deepcopy(sub["default"])
+        if key in node:
+            _fill_defaults(node[key], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in node.items():
+            if key not in schema.get("properties", {}):
+                _fill_defaults(value, extra)
+
+
+def _key_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def reference_variant(config: dict) -> str:

@@ -69,9 +69,10 @@ def check_hf_folder(
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise SourceError(f"{config_path} is not valid JSON: {err}") from err
-    if "auto_map" in config and not trust_remote_code:
+    if needs_remote_code(config) and not trust_remote_code:
         raise SourceError(
-            f"{config_path} maps to custom modelling code (auto_map); set "
+            f"{config_path}: model_type '{config.get('model_type')}' is not built into "
+            f"transformers and the folder maps to its own modelling code (auto_map); set "
             f"trust_remote_code: true for this model only if you trust its source"
         )
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -93,6 +94,17 @@ def check_hf_folder(
         _check_shards(folder, "pytorch_model.bin.index.json")
         return "pickle"
     raise SourceError(f"{folder} has no weights (expected *.safetensors)")
+
+
+def needs_remote_code(config: dict) -> bool:
+    """True when loading needs the checkpoint's own Python code (not a built-in architecture).
+
+    Many checkpoints (Falcon's older revisions) carry an ``auto_map`` although transformers now
+    has the architecture built in; those load safely without running the checkpoint's code.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING_NAMES
 
 
 def _check_shards(folder: Path, index_name: str) -> None:

@@ -8,12 +8,13 @@ SRC = os.path.join(workflow.basedir, "src")
 if SRC not in sys.path:
     sys.path.insert(0, SRC)
 # Jobs (local or Slurm) run the scripts with their own Python: let them find the package too.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (SRC, os.environ.get("PYTHONPATH")) if p
-)
+_paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if SRC not in _paths:
+    os.environ.update(PYTHONPATH=os.pathsep.join([SRC, *_paths]))
 
 from llmpipe import config as cfg  # noqa: E402
 
+cfg.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 cfg.check(config)
 
 MODELS = cfg.model_ids(config)

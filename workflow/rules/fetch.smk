@@ -8,6 +8,8 @@ rule download:
         "benchmarks/download/{model}.tsv"
     # Compute nodes of many clusters have no internet: fetch from the submit host.
     localrule: True
+    conda:
+        "../envs/llmpipe.yaml"
     resources:
         mem_mb=4000,
         runtime=120,
@@ -28,6 +30,8 @@ rule cache_to_shm:
         "logs/cache_to_shm/{model}.log",
     benchmark:
         "benchmarks/cache_to_shm/{model}.tsv"
+    conda:
+        "../envs/llmpipe.yaml"
     resources:
         mem_mb=get_stage_mem_mb,
         runtime=30,

@@ -12,6 +12,8 @@ rule convert_to_gguf:
         "benchmarks/convert_to_gguf/{model}-{reference}.tsv"
     wildcard_constraints:
         reference=REFERENCE,
+    conda:
+        "../envs/llmpipe.yaml"
     threads: 2
     resources:
         mem_mb=get_convert_mem_mb,
@@ -35,6 +37,8 @@ rule quantize:
         "logs/quantize/{model}-{quant}.log",
     benchmark:
         "benchmarks/quantize/{model}-{quant}.tsv"
+    conda:
+        "../envs/llmpipe.yaml"
     threads: 2
     resources:
         mem_mb=get_quantize_mem_mb,

@@ -1,0 +1,120 @@
+"""Config validation: the schema and the cross-key checks give one clear error per mistake."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO, default_config, make_workdir, planned_jobs, snakemake
+
+from llmpipe import config as cfg
+from llmpipe.errors import ConfigError
+
+SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
+
+
+def schema_check(config: dict) -> None:
+    cfg.validate(copy.deepcopy(config), SCHEMA)
+
+
+def test_default_config_is_valid():
+    config = default_config()
+    schema_check(config)
+    cfg.check(config, workdir=REPO)
+    assert cfg.model_ids(config) == ["smollm2"]
+    assert cfg.reference_variant(config) == "F16"
+    assert cfg.quant_types(config) == ["Q8_0", "Q4_K_M"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c.update(quantise={"types": ["Q8_0"]}), "quantise"),
+        (lambda c: c["quantize"].update(types=["Q9_9"]), "Q9_9"),
+        (lambda c: c["models"]["smollm2"].update(sorce="dir"), "sorce"),
+        (lambda c: c["models"].update({"a/b": {"source": "dir", "path": "/x"}}), "a/b"),
+        (lambda c: c["models"].update({"a b": {"source": "dir", "path": "/x"}}), "a b"),
+        (lambda c: c["models"].update({"..": {"source": "dir", "path": "/x"}}), ".."),
+        (lambda c: c["models"]["smollm2"].update(source="ftp"), "ftp"),
+        (lambda c: c["convert"].update(outtype="f8"), "f8"),
+        (lambda c: c["stage"].update(verify="md5"), "md5"),
+    ],
+)
+def test_schema_rejects_with_the_key_named(mutate, expected):
+    config = default_config()
+    mutate(config)
+    with pytest.raises(ConfigError) as err:
+        schema_check(config)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c["quantize"].update(types=["IQ2_XS"]), "importance matrix"),
+        (lambda c: c["quantize"].update(types=["F16", "Q8_0"]), "already the reference"),
+        (lambda c: c["quantize"].update(types=["Q8_0", "Q8_0"]), "listed twice"),
+        (lambda c: c["models"].update(m={"source": "dir"}), "models.m.path: missing"),
+        (lambda c: c["models"].update(m={"source": "dir", "path": "rel/x"}), "relative"),
+        (lambda c: c["models"].update(m={"source": "hub"}), "models.m.repo_id: missing"),
+        (lambda c: c.update(prompts="config/nope.txt"), "config/nope.txt does not exist"),
+    ],
+)
+def test_cross_key_checks(mutate, expected):
+    config = default_config()
+    mutate(config)
+    with pytest.raises(ConfigError, match=expected):
+        cfg.check(config, workdir=REPO)
+
+
+def test_every_quant_type_maps_to_a_llama_cpp_constant():
+    from llmpipe.gguf import ftype_constant
+
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    enum = schema["properties"]["quantize"]["properties"]["types"]["items"]["enum"]
+    assert set(cfg.QUANT_TYPES) | set(cfg.IMATRIX_TYPES) == set(enum)
+    values = {quant: ftype_constant(quant) for quant in cfg.QUANT_TYPES}
+    assert len(set(values.values())) == len(values)  # no two names share a file type
+
+
+def test_read_prompts(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("first\n\n  \nsecond line\\nwith a break\n")
+    assert cfg.read_prompts(path) == ["first", "second line\nwith a break"]
+    path.write_text("\n \n")
+    with pytest.raises(ConfigError, match="has no prompts"):
+        cfg.read_prompts(path)
+
+
+def test_bad_config_stops_snakemake_with_one_clear_message(tmp_path):
+    config = default_config()
+    config["quantize"]["types"] = ["Q4_K_M", "Q4_K_X"]
+    workdir = make_workdir(tmp_path / "w", config)
+    done = snakemake(workdir, "-n", check=False)
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "quantize.types[1]: 'Q4_K_X' is not one of" in output
+    assert not (workdir / "results").exists()
+
+
+def test_cluster_config_dry_run_lists_the_seed_models(tmp_path):
+    workdir = make_workdir(tmp_path / "w")
+    (workdir / "config" / "config.yaml").write_text((REPO / "config" / "cluster.yaml").read_text())
+    cluster = yaml.safe_load((REPO / "config" / "cluster.yaml").read_text())
+    schema_check(cluster)
+    assert len(cluster["models"]) == 6
+    jobs = planned_jobs(workdir)
+    assert jobs["download"] == 6
+    assert jobs["convert_to_gguf"] == 6
+    assert jobs["quantize"] == 6 * len(cluster["quantize"]["types"])
+
+
+def test_conda_env_pins_match_the_venv_requirements():
+    """workflow/envs/llmpipe.yaml (for --sdm conda) must not drift from env/requirements.txt."""
+    env = yaml.safe_load((REPO / "workflow" / "envs" / "llmpipe.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    lines = (REPO / "env" / "requirements.txt").read_text().splitlines()
+    required = {line for line in lines if line and not line.startswith("#")}
+    assert set(pip) - {"llama-cpp-python==0.3.36"} == required
