@@ -116,3 +116,15 @@ def test_single_file_staging(model_dir, tmp_path):
     path, record = read_source(src, file_manifest(src), tmp_path / "shm", "w")
     assert record["load_source"] == "ram_disk" and path.name == "weights.bin"
     assert path.read_bytes() == src.read_bytes()
+
+
+def test_leftovers_of_a_killed_writer_are_removed(tmp_path):
+    (tmp_path / ".tmp-out.gguf.abc123_z").write_bytes(b"half a file")
+    (tmp_path / ".tmp-hf.xyz45678").mkdir()
+    (tmp_path / ".tmp-other.json.q1234567").write_text("another output's temporary")
+    (tmp_path / ".tmp-out.gguf.json.12345678").write_text("out.gguf.json's temporary")
+    atomic.write_text(tmp_path / "out.gguf", "whole")
+    with atomic.atomic_dir(tmp_path / "hf") as tmp:
+        (tmp / "f").write_text("x")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".tmp-other.json.q1234567", ".tmp-out.gguf.json.12345678", "hf", "out.gguf"]

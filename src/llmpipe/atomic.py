@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``dest``; rename it to ``dest`` if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dest)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}.", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -42,6 +44,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; it replaces ``dest`` if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}.", dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder normal permissions
     try:
@@ -52,6 +55,22 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_leftovers(dest: Path) -> None:
+    """Delete temporaries of ``dest`` left by a killed writer (SIGKILL skips every cleanup).
+
+    Safe because one output has one writer at a time: Snakemake never runs two jobs for it.
+    """
+    # mkstemp/mkdtemp add "." + 8 random characters to the prefix
+    pattern = re.compile(re.escape(f"{TMP_PREFIX}{dest.name}.") + r"[A-Za-z0-9_]{8}")
+    for old in dest.parent.iterdir():
+        if not pattern.fullmatch(old.name):
+            continue
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def write_text(dest: str | os.PathLike, text: str) -> None:

@@ -1,0 +1,482 @@
+"""The resource estimator against hand-computed numbers for the fixture configs.
+
+Fixtures are the published config.json files of the models (tests/fixtures/model_configs).
+MiB = 2**20; a V100-32GB plans 32768 MiB x (1 - 0.10 headroom) = 29491.2 MiB per GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmpipe import estimate as est
+from llmpipe.errors import ConfigError, ResourceError
+from llmpipe.estimate import (
+    MIB,
+    V100,
+    ModelShape,
+    bits_per_weight,
+    bytes_per_weight,
+    gguf_bytes,
+    gpus_needed,
+    weights_bytes,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
+MODELS = ["llama-2-7b", "llama-2-13b", "mistral-7b-v0.1", "falcon-7b", "smollm2-135m"]
+USABLE_MB = 32768 * 0.9  # 29491.2
+
+
+def shape(name: str) -> ModelShape:
+    return ModelShape.from_config(FIXTURES / f"{name}.json")
+
+
+# ---- parameter counts ----------------------------------------------------------------------
+
+
+def test_llama_2_7b_param_count():
+    # embedding 32000*4096 = 131,072,000; lm_head (untied) the same
+    # per layer: q,k,v,o 4*4096^2 = 67,108,864; gate,up,down 3*4096*11008 = 135,266,304;
+    #            2 RMSNorms 2*4096 = 8,192                    -> 202,383,360
+    # 32 layers = 6,476,267,520; + final norm 4,096 + 262,144,000 = 6,738,415,616
+    s = shape("llama-2-7b")
+    assert s.n_params == 6_738_415_616
+    assert s.param_breakdown() == {
+        "embedding": 131_072_000,
+        "attention": 32 * 67_108_864,
+        "mlp": 32 * 135_266_304,
+        "norms": 65 * 4096,
+        "lm_head": 131_072_000,
+    }
+
+
+def test_llama_2_13b_param_count():
+    # per layer: 4*5120^2 = 104,857,600 + 3*5120*13824 = 212,336,640 + 2*5120 = 317,204,480
+    # 40 layers = 12,688,179,200; + 2*32000*5120 = 327,680,000 + final norm 5,120
+    assert shape("llama-2-13b").n_params == 13_015_864_320
+
+
+def test_mistral_7b_param_count():
+    # GQA: 8 KV heads x 128 = 1024-wide K and V
+    # per layer: q,o 2*4096^2 = 33,554,432; k,v 2*4096*1024 = 8,388,608;
+    #            mlp 3*4096*14336 = 176,160,768; norms 8,192 -> 218,112,000
+    # 32 layers = 6,979,584,000; + 262,144,000 (embedding + lm_head) + 4,096
+    s = shape("mistral-7b-v0.1")
+    assert (s.n_kv_heads, s.head_dim, s.kv_dim) == (8, 128, 1024)
+    assert s.n_params == 7_241_732_096
+
+
+def test_falcon_7b_param_count():
+    # multi-query: 71 heads x 64, one K and one V head -> query_key_value out 4544 + 2*64 = 4672
+    # per layer: qkv 4544*4672 = 21,229,568; dense 4544^2 = 20,647,936;
+    #            h_to_4h + 4h_to_h 2*4544*18176 = 165,183,488; one LayerNorm (w+b) 9,088
+    #            -> 207,070,080; 32 layers = 6,626,242,560
+    # embedding 65024*4544 = 295,469,056, tied lm_head; ln_f 9,088
+    s = shape("falcon-7b")
+    assert (s.n_kv_heads, s.head_dim, s.ffn, s.tied_embeddings) == (1, 64, 18176, True)
+    assert s.norms_per_layer == 1  # parallel_attn: input_layernorm only
+    assert s.n_params == 6_921_720_704
+
+
+def test_falcon_7b_old_refinedwebmodel_keys_give_the_same_shape():
+    new, old = shape("falcon-7b"), shape("falcon-7b-refinedwebmodel")
+    assert old.model_type == "RefinedWebModel"
+    assert old.n_params == new.n_params == 6_921_720_704
+    assert (old.n_layers, old.n_heads, old.n_kv_heads, old.context) == (32, 71, 1, 2048)
+
+
+def test_falcon_rw_1b_param_count_with_biases_and_two_norms():
+    # bias=true, multi_query=false, parallel_attn=false (two LayerNorms per layer), ALiBi
+    # per layer: qkv 2048*6144 + 6144 = 12,589,056; dense 2048^2 + 2048 = 4,196,352;
+    #            h_to_4h 2048*8192 + 8192 = 16,785,408; 4h_to_h 8192*2048 + 2048 = 16,779,264;
+    #            2 LayerNorms 2*2*2048 = 8,192 -> 50,358,272; 24 layers = 1,208,598,528
+    # embedding 50304*2048 = 103,022,592 (tied) + ln_f 4,096
+    s = shape("falcon-rw-1b")
+    assert s.alibi and s.norms_per_layer == 2
+    assert s.n_params == 1_311_625_216
+
+
+def test_smollm2_135m_param_count():
+    # 9 heads / 3 KV heads of 64; per layer: q,o 2*576^2 = 663,552; k,v 2*576*192 = 221,184;
+    # mlp 3*576*1536 = 2,654,208; norms 1,152 -> 3,540,096; 30 layers = 106,202,880
+    # embedding 49152*576 = 28,311,552 (tied) + final norm 576
+    s = shape("smollm2-135m")
+    assert s.n_params == 134_515_008
+    assert s.matmul_params == 134_515_008  # tied lm_head multiplies by the embedding matrix
+
+
+def test_from_dict_and_folder(tmp_path):
+    data = json.loads((FIXTURES / "llama-2-7b.json").read_text())
+    assert ModelShape.from_config(data).n_params == 6_738_415_616
+    folder = tmp_path / "Llama-2-7b-hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(data))
+    s = ModelShape.from_config(folder)
+    assert s.name == "Llama-2-7b-hf" and s.n_params == 6_738_415_616
+
+
+# ---- config errors -------------------------------------------------------------------------
+
+
+def test_missing_key_names_file_and_key(tmp_path):
+    data = json.loads((FIXTURES / "llama-2-7b.json").read_text())
+    del data["hidden_size"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"config\.json.*'hidden_size'") as info:
+        ModelShape.from_config(path)
+    assert isinstance(info.value, ConfigError)
+    assert str(path) in str(info.value)
+
+
+def test_bad_value_and_missing_file(tmp_path):
+    data = json.loads((FIXTURES / "mistral-7b-v0.1.json").read_text())
+    data["num_key_value_heads"] = 0
+    with pytest.raises(ValueError, match="'num_key_value_heads' must be a positive integer"):
+        ModelShape.from_config(data)
+    with pytest.raises(ConfigError, match="not found"):
+        ModelShape.from_config(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="bad.json: cannot read"):
+        ModelShape.from_config(tmp_path / "bad.json")
+
+
+# ---- bytes per weight and weight sizes -----------------------------------------------------
+
+
+def test_bytes_per_weight_block_layouts():
+    assert bytes_per_weight("f32") == 4 and bytes_per_weight("fp16") == 2
+    assert bytes_per_weight("bfloat16") == 2
+    assert bits_per_weight("Q8_0") == 8.5  # (2 + 32) B / 32
+    assert bits_per_weight("q4_0") == 4.5  # (2 + 16) B / 32
+    assert bits_per_weight("Q4_1") == 5.0  # (2 + 2 + 16) B / 32
+    assert bits_per_weight("Q6_K") == 6.5625  # 210 B / 256
+    assert bits_per_weight("IQ4_XS") == 4.25  # 136 B / 256
+    assert bits_per_weight("Q4_K_M") == pytest.approx(4.85, abs=0.02)  # mixed: file average
+    assert bits_per_weight("Q5_K_M") == pytest.approx(5.68)
+    assert bits_per_weight("Q4_K") == bits_per_weight("Q4_K_M")
+    assert bits_per_weight("nf4") == pytest.approx(4.127)  # 4 + 8/64 + 32/(64*256)
+    assert bits_per_weight("int8") == 8
+    with pytest.raises(ConfigError, match="unknown dtype/quant type 'q9_9'"):
+        bytes_per_weight("q9_9")
+
+
+def test_weight_bytes_per_dtype_llama_2_7b():
+    s = shape("llama-2-7b")
+    assert weights_bytes(s, "f16") == 6_738_415_616 * 2 == 13_476_831_232
+    assert weights_bytes(s, "f32") == 6_738_415_616 * 4
+    # GGUF keeps the 65 * 4096 = 266,240 norm weights in f32, the rest at the type's width
+    matrices = 6_738_415_616 - 266_240
+    assert gguf_bytes(s, "f16") == matrices * 2 + 266_240 * 4 == 13_477_363_712
+    assert gguf_bytes(s, "Q8_0") == matrices * 17 // 16 + 266_240 * 4 == 7_160_348_672
+    assert gguf_bytes(s, "Q4_0") == matrices * 9 // 16 + 266_240 * 4 == 3_791_273_984
+
+
+def test_weight_bytes_nf4_keeps_embeddings_in_f16():
+    s = shape("llama-2-13b")
+    # decoder linears: 40 * (104,857,600 + 212,336,640) = 12,687,769,600 at 4.127 bits
+    # the rest (embedding, lm_head, norms) 13,015,864,320 - 12,687,769,600 = 328,094,720 in f16
+    assert s.linear_params == 12_687_769_600
+    assert weights_bytes(s, "nf4") == math.ceil(12_687_769_600 * 4.127 / 8) + 328_094_720 * 2
+
+
+# ---- KV cache --------------------------------------------------------------------------------
+
+
+def test_kv_cache_llama_2_7b_fp16_full_context_is_2_gib():
+    # 2 (K,V) * 32 layers * 4096 (32 heads x 128) * 4096 tokens * 2 B = 2 GiB
+    assert shape("llama-2-7b").kv_cache_bytes(4096) == 2 * 32 * 4096 * 4096 * 2 == 2 * 1024**3
+
+
+def test_kv_cache_gqa_and_multi_query():
+    llama = shape("llama-2-7b").kv_cache_bytes(4096)
+    # Mistral: 8 KV heads x 128 = 1024 -> 2*32*1024*4096*2 = 512 MiB
+    assert shape("mistral-7b-v0.1").kv_cache_bytes(4096) == 512 * MIB
+    # Falcon-7B: one KV head of 64 -> 2*32*64*4096*2 = 32 MiB, 1/64 of Llama-2-7B
+    falcon = shape("falcon-7b").kv_cache_bytes(4096)
+    assert falcon == 2 * 32 * 64 * 4096 * 2 == 32 * MIB
+    assert falcon * 64 == llama
+    # batch and element size scale linearly
+    assert (
+        shape("llama-2-7b").kv_cache_bytes(100, batch=3, bytes_per_elem=4)
+        == 2 * 32 * 4096 * 300 * 4
+    )
+
+
+# ---- activations -----------------------------------------------------------------------------
+
+
+def test_training_activations_per_token_per_layer():
+    # Llama-2-7B, b=2: RMSNorms 2*(4*4096 + 2*2*4096) = 65,536; SDPA q,k,v,out 2*(4*4096) =
+    # 32,768; gated MLP 4*2*11008 = 88,064 -> 186,368 B
+    assert shape("llama-2-7b").training_activation_bytes_per_token_layer(2) == 186_368
+    # Falcon-RW-1B, b=2: 2 LayerNorms 2*2*2*2048 = 16,384; attention 2*(4*2048 + 2*2048) =
+    # 24,576; MLP 2*2*8192 = 32,768 -> 73,728 B (ALiBi mask is per forward, not per layer)
+    assert shape("falcon-rw-1b").training_activation_bytes_per_token_layer(2, 2048) == 73_728
+    # Falcon-7B's multi-query attention falls back to math SDPA: + 71 heads * 2048 * 4 B
+    f7 = shape("falcon-7b")
+    assert f7.sdpa_math_fallback
+    base = 2 * 2 * 4544 + 2 * (4 * 4544 + 2 * 64) + 2 * 2 * 18176  # 18,176 + 36,608 + 72,704
+    assert f7.training_activation_bytes_per_token_layer(2, 2048) == base + 71 * 2048 * 4
+
+
+def test_lora_params():
+    # Llama-2-7B r=16, all linears: q,k,v,o 4*16*(4096+4096) = 524,288;
+    # gate,up 2*16*(4096+11008) = 483,328; down 16*(11008+4096) = 241,664 -> 1,249,280 x 32
+    s = shape("llama-2-7b")
+    assert s.lora_params(16) == 1_249_280 * 32 == 39_976_960
+    assert s.lora_params(8, "qv") == 32 * 2 * 8 * 8192
+    with pytest.raises(ConfigError, match="lora targets"):
+        s.lora_params(16, "everything")
+
+
+# ---- GPU counts ------------------------------------------------------------------------------
+
+
+def test_gpus_needed_even_and_by_layer():
+    # 40,000 MB + 1024 overhead > 29,491.2 on one; 20,000 + 1024 fits on two
+    fit = gpus_needed(40_000, 32768, 0.10, per_gpu_overhead_mb=1024)
+    assert fit.gpus == 2 and fit.per_gpu_mb == 21_024 and fit.usable_mb == 29_491
+    # 90,000 MB by 40 layers: three GPUs hold ceil(40/3) = 14 layers -> 31,500 + 1024 > usable;
+    # four hold 10 -> 22,500 + 1024
+    assert gpus_needed(90_000, 32768, 0.10, per_gpu_overhead_mb=1024, shard_units=40).gpus == 4
+    # replicated memory is paid on every GPU
+    assert gpus_needed(20_000, replicated_mb=9_000, per_gpu_overhead_mb=1024).gpus == 2
+
+
+def test_gpus_needed_does_not_fit():
+    fit = gpus_needed(1_000_000, 32768, 0.10, max_gpus=8)
+    assert not fit.fits and fit.gpus is None
+    assert "does not fit even on 8 GPUs" in str(fit)
+    with pytest.raises(ConfigError):
+        gpus_needed(1, headroom=1.5)
+
+
+# ---- classification on V100-32GB -----------------------------------------------------------
+
+
+def test_llama_2_7b_fp16_inference_fits_one_v100():
+    s = shape("llama-2-7b")
+    e = est.evaluate_transformers(s, dtype="f16", batch=1)  # prompt 4096 - 128, 128 new
+    assert e.gpus == 1 and e.fits
+    # weights 13,476,831,232 + KV 2 GiB (3968 + 128 tokens) + activations
+    # 3968 * (4*4096 + 3*11008) * 2 = 392,101,888 + logits 3968 * 32000 * (2+4+4) = 1,269,760,000
+    # + 1024 MiB overhead = 17,509.4 MiB < 29,491.2
+    expected = (13_476_831_232 + 2**31 + 392_101_888 + 1_269_760_000) / MIB + 1024
+    assert e.gpu_mem_mb == math.ceil(expected)
+    assert e.gpu_mem_mb < USABLE_MB
+
+
+def test_llama_2_13b_fp16_inference_needs_two_v100s():
+    s = shape("llama-2-13b")
+    e = est.evaluate_transformers(s, dtype="f16", batch=1)
+    # weights 26,031,728,640 B = 24,825.8 MiB; KV 2*40*5120*4096*2 = 3,200 MiB;
+    # activations 3968 * (4*5120 + 3*13824) * 2 = 468.9 MiB; logits 1,210.9 MiB; +1024
+    # = 30,729.6 MiB > 29,491.2 -> 2 GPUs, 20 layers each: 14,012.9 + 1,679.8 + 1024
+    assert e.gpus == 2 and e.fits
+    weights, kv = 26_031_728_640, 2 * 40 * 5120 * 4096 * 2
+    replicated = 3968 * (4 * 5120 + 3 * 13824) * 2 + 3968 * 32000 * 10
+    assert e.gpu_mem_mb == math.ceil((weights + kv) / 2 / MIB + replicated / MIB + 1024)
+    # ...while a short prompt (512 + 128 tokens) squeezes onto one: 26,567 MiB
+    assert est.evaluate_transformers(s, dtype="f16", seq_len=512).gpus == 1
+
+
+def test_llama_2_13b_lora_needs_several_gpus_but_qlora_fits_one():
+    s = shape("llama-2-13b")
+    # micro-batch 4 x 2048 tokens, gradient checkpointing on:
+    # base f16 24,825.8 MiB + LoRA 62,586,880 params x 16 B = 955.0 MiB
+    # + checkpoints 8192 * 40 * 5120 * 2 = 3,200 MiB (sharded by layer)
+    # + one recomputed layer 8192 * 233,472 B = 1,824 MiB + logits 8192 * 32000 * 14 = 3,500 MiB
+    # + 1024 -> 35,329 MiB on one GPU: two needed
+    lora = est.finetune(s, "lora", dtype="f16", micro_batch=4, seq_len=2048)
+    assert lora.gpus >= 2 and lora.fits
+    assert lora.detail["trainable_params"] == 62_586_880
+    assert lora.detail["transient_activation_bytes"] == 8192 * 233_472
+    # QLoRA: nf4 base 6,868 MiB instead of 24,826 -> about 17,500 MiB: one GPU
+    qlora = est.finetune(s, "qlora", quant="nf4", micro_batch=4, seq_len=2048)
+    assert qlora.gpus == 1 and qlora.fits
+    assert qlora.gpu_mem_mb < USABLE_MB
+    # without gradient checkpointing LoRA needs even more GPUs
+    assert (
+        est.finetune(s, "lora", micro_batch=4, seq_len=2048, gradient_checkpointing=False).gpus
+        > lora.gpus
+    )
+
+
+def test_7b_full_finetune_does_not_fit_one_gpu():
+    s = shape("llama-2-7b")
+    e = est.finetune(s, "full", dtype="f16")
+    # 16 B/param (2 weights + 2 grads + 4 fp32 master + 8 AdamW) x 6,738,415,616 = 102,820 MiB
+    assert e.detail["states_bytes"] == 16 * 6_738_415_616
+    assert e.gpus > 1 or not e.fits
+    assert 16 * 6_738_415_616 / MIB > USABLE_MB
+
+
+def test_not_fitting_step_refuses_resources():
+    e = est.finetune(shape("llama-2-13b"), "full", gradient_checkpointing=False)
+    assert not e.fits
+    with pytest.raises(ResourceError, match="does not fit even on 8 GPUs"):
+        e.resources()
+    ok = est.evaluate_transformers(shape("llama-2-7b")).resources()
+    assert ok["gpu"] == 1 and ok["mem_mb"] > 0 and ok["runtime"] >= 5
+
+
+# ---- CPU steps -----------------------------------------------------------------------------
+
+
+def test_stage_counts_ram_disk_in_job_memory():
+    e = est.stage(shape("llama-2-7b"))  # f16 checkpoint, 13,476,831,232 B
+    # (12,852.5 MiB staged + 1024 MiB process) x 1.25 margin
+    assert e.mem_mb == math.ceil((13_476_831_232 + 1024 * MIB) * 1.25 / MIB)
+    assert e.gpus == 0
+
+
+def test_convert_is_lazy_largest_tensors_not_whole_model():
+    s = shape("llama-2-7b")
+    e = est.convert(s)
+    # largest tensor: embedding 32000*4096 = 131,072,000; 2 in flight x (2 f16 + 4 f32 + 2 f16)
+    # + 3072 MiB process, x 1.25: 9,120 MiB... far below the 12,852 MiB checkpoint x 1.25
+    assert s.largest_tensor_params == 131_072_000
+    assert e.mem_mb == math.ceil((3072 * MIB + 2 * 131_072_000 * 8) * 1.25 / MIB)
+    assert e.disk_mb == math.ceil(13_477_363_712 / MIB)
+    # staged: the RAM-disk copy is added
+    assert est.convert(s, staged=True).mem_mb > e.mem_mb + 12_000
+
+
+def test_quantize_buffers():
+    e = est.quantize(shape("falcon-7b"), "Q4_K_M")
+    # Falcon's embedding 65024*4544 = 295,469,056 weights x 8 B (f32 + work) + 1024 MiB
+    assert e.mem_mb == math.ceil((1024 * MIB + 295_469_056 * 8) * 1.25 / MIB)
+    with pytest.raises(ConfigError, match="expected a llama.cpp type"):
+        est.quantize(shape("falcon-7b"), "nf4")
+
+
+# ---- runtime -------------------------------------------------------------------------------
+
+
+def test_decode_is_memory_bound():
+    s = shape("llama-2-7b")
+    e = est.evaluate_transformers(s, dtype="f16")
+    # f16 decode reads 13.5 GB per step: at most 900e9 / 13,476,831,232 = 66.8 tokens/s
+    assert e.detail["decode_tokens_per_s"] < 900e9 / 13_476_831_232
+    q = est.evaluate_llama_cpp(s, quant="Q4_K_M")
+    assert q.detail["decode_tokens_per_s"] > 2 * e.detail["decode_tokens_per_s"]
+
+
+def test_lora_compute_uses_4n_and_full_6n():
+    s = shape("llama-2-7b")
+    n_mm = 6_738_415_616 - 131_072_000  # matmul params: everything but the embedding lookup
+    attn = 2 * 32 * 4096 * 2048  # forward attention FLOPs per token at 2048 context
+    tokens = 100 * 4 * 2048  # steps x micro-batch x seq_len
+    peak = 125e12 * 0.30
+    lora = est.finetune(s, "lora", gradient_checkpointing=False, micro_batch=4, seq_len=2048)
+    full = est.finetune(s, "full", gradient_checkpointing=False, micro_batch=4, seq_len=2048)
+    assert lora.detail["compute_s"] == pytest.approx(
+        tokens * (4 * n_mm + 3 * attn + 6 * 39_976_960) / peak
+    )
+    assert full.detail["compute_s"] == pytest.approx(tokens * (6 * n_mm + 3 * attn) / peak)
+    # gradient checkpointing adds a forward pass: +2N and one more attention forward
+    gc = est.finetune(s, "lora", gradient_checkpointing=True, micro_batch=4, seq_len=2048)
+    assert gc.detail["compute_s"] == pytest.approx(
+        tokens * (6 * n_mm + 4 * attn + 6 * 39_976_960) / peak
+    )
+
+
+def test_cpu_device_puts_everything_in_host_memory():
+    s = shape("smollm2-135m")
+    laptop = est.cpu(cores=2)
+    e = est.evaluate_transformers(s, dtype="f32", hw=laptop, seq_len=512, new_tokens=64)
+    assert e.gpus == 0 and e.gpu_mem_mb == 0 and e.fits
+    assert e.mem_mb * MIB > weights_bytes(s, "f32")
+    big = est.evaluate_transformers(shape("llama-2-13b"), dtype="f32", hw=laptop)
+    assert not big.fits  # 52 GB of f32 weights on an 8 GiB laptop
+
+
+def test_bf16_on_v100_is_flagged_and_slower():
+    s = shape("mistral-7b-v0.1")
+    f16 = est.finetune(s, "lora", dtype="f16")
+    bf16 = est.finetune(s, "lora", dtype="bf16")
+    assert any("no bf16 tensor cores" in n for n in bf16.notes)
+    assert bf16.detail["compute_s"] > 5 * f16.detail["compute_s"]
+    assert V100.flops("bf16") == V100.flops("f32")
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+STEPS = [
+    "download",
+    "stage",
+    "convert",
+    "quantize",
+    "evaluate-transformers",
+    "evaluate-llama.cpp",
+    "finetune-lora (gc on)",
+    "finetune-lora (gc off)",
+    "finetune-qlora (gc on)",
+    "finetune-qlora (gc off)",
+    "finetune-full (gc on)",
+    "finetune-full (gc off)",
+]
+
+
+@pytest.mark.parametrize("model", MODELS + ["falcon-7b-refinedwebmodel", "falcon-rw-1b"])
+def test_cli_table_has_every_step(model, capsys):
+    assert est.main([str(FIXTURES / f"{model}.json")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for step in STEPS:
+        assert any(line.startswith(step + " ") for line in lines), step
+    assert "host GB" in out and "GPUs" in out and "runtime" in out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_cli_json(model, capsys):
+    argv = [str(FIXTURES / f"{model}.json"), "--json", "--quant", "Q5_K_M", "--seq-len", "1024"]
+    assert est.main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"]["params"] == shape(model).n_params
+    assert [row["step"] for row in doc["steps"]] == STEPS
+    for row in doc["steps"]:
+        assert {"mem_mb", "runtime_min", "gpus", "gpu_mem_mb", "fits", "notes"} <= set(row)
+
+
+def test_cli_13b_table_classes(capsys):
+    assert est.main([str(FIXTURES / "llama-2-13b.json"), "--json"]) == 0
+    rows = {r["step"]: r for r in json.loads(capsys.readouterr().out)["steps"]}
+    assert rows["evaluate-transformers"]["gpus"] == 2
+    assert rows["finetune-lora (gc on)"]["gpus"] >= 2
+    assert rows["finetune-qlora (gc on)"]["gpus"] == 1
+
+
+def test_cli_cpu_and_errors(tmp_path, capsys):
+    assert (
+        est.main([str(FIXTURES / "smollm2-135m.json"), "--device", "cpu", "--seq-len", "256"]) == 0
+    )
+    assert "device cpu" in capsys.readouterr().out
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    assert est.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "hidden_size" in err and str(bad) in err
+    assert est.main([str(FIXTURES / "smollm2-135m.json"), "--quant", "Q9"]) == 2
+
+
+def test_module_entry_point_and_no_heavy_imports():
+    code = (
+        "import sys, llmpipe.estimate; "
+        "print(any(m in sys.modules for m in ('torch', 'transformers', 'numpy')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    run = subprocess.run(
+        [sys.executable, "-m", "llmpipe.estimate", str(FIXTURES / "falcon-7b.json"), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(run.stdout)["model"]["kv_heads"] == 1
