@@ -1,0 +1,160 @@
+"""Measure a step while it runs: process RSS and CPU, and GPU utilisation and memory where CUDA is.
+
+    with ResourceMonitor(interval=0.5) as mon:
+        heavy_work()
+    record["measured"] = mon.summary()        # peaks, means, samples
+    mon.write_timeseries("….tsv")             # the time series, one row per sample
+
+Sampling runs on a daemon thread (psutil for this process and its children; NVML through
+``nvidia-smi``-free ``pynvml`` when importable, else torch.cuda's counters). The final peak RSS is
+also taken from the kernel's own high-water mark (``ru_maxrss``), which a sampler cannot miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from llmpipe import atomic
+from llmpipe.errors import ResourceError
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.memory_info().rss
+    return total
+
+
+class ResourceMonitor:
+    """Background sampler of RSS, CPU % and (when present) GPU memory and utilisation."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.samples: list[dict[str, float | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="resource-monitor")
+        self._proc = psutil.Process()
+        self._gpu = _gpu_reader()
+        self._t0 = 0.0
+        self.wall_s = 0.0
+
+    def __enter__(self) -> ResourceMonitor:
+        self._t0 = time.perf_counter()
+        self._proc.cpu_percent(None)  # prime the CPU counter
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.wall_s = time.perf_counter() - self._t0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        row: dict[str, float | None] = {
+            "t_s": round(time.perf_counter() - self._t0, 3),
+            "rss_mb": _tree_rss(self._proc) / 2**20,
+            "cpu_pct": self._proc.cpu_percent(None),
+        }
+        row.update(self._gpu() if self._gpu else {"gpu_mem_mb": None, "gpu_util_pct": None})
+        self.samples.append(row)
+
+    def summary(self) -> dict[str, float | int | None]:
+        def peak(key: str) -> float | None:
+            values = [s[key] for s in self.samples if s.get(key) is not None]
+            return round(max(values), 1) if values else None
+
+        def mean(key: str) -> float | None:
+            values = [s[key] for s in self.samples if s.get(key) is not None]
+            return round(sum(values) / len(values), 1) if values else None
+
+        # ru_maxrss is in KiB on Linux: the kernel's high-water mark for this process.
+        self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        sampled = peak("rss_mb") or 0.0
+        return {
+            "wall_s": round(self.wall_s, 3),
+            "peak_rss_mb": round(max(sampled, self_peak, child_peak), 1),
+            "mean_cpu_pct": mean("cpu_pct"),
+            "peak_gpu_mem_mb": peak("gpu_mem_mb"),
+            "mean_gpu_util_pct": mean("gpu_util_pct"),
+            "samples": len(self.samples),
+            "interval_s": self.interval,
+        }
+
+    def write_timeseries(self, path: str | Path) -> None:
+        keys = ["t_s", "rss_mb", "cpu_pct", "gpu_mem_mb", "gpu_util_pct"]
+        lines = ["\t".join(keys)]
+        for s in self.samples:
+            lines.append("\t".join("" if s.get(k) is None else f"{s[k]:.2f}" for k in keys))
+        atomic.write_text(path, "\n".join(lines) + "\n")
+
+
+def _gpu_reader():
+    """A function returning GPU memory/utilisation of the visible device 0, or None without CUDA."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+
+        def read() -> dict[str, float]:
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            return {"gpu_mem_mb": mem.used / 2**20, "gpu_util_pct": float(util.gpu)}
+
+        return read
+    except Exception:  # noqa: BLE001, S110 - no NVML library or no GPU: try torch below
+        pass
+    torch = sys.modules.get("torch")  # never import torch just to find out there is no GPU
+    if torch is not None and torch.cuda.is_available():
+        return lambda: {
+            "gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "gpu_util_pct": None,
+        }
+    return None
+
+
+def require_gpu(allow_cpu: bool, step: str) -> dict[str, object]:
+    """Fail fast when a GPU step lands on a node without a usable GPU; return the CUDA facts.
+
+    ``allow_cpu`` (from config) lets a GPU rule run on the CPU on purpose, e.g. on a laptop.
+    """
+    import torch
+
+    facts: dict[str, object] = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
+    if facts["cuda_available"]:
+        facts["devices"] = [
+            {
+                "name": torch.cuda.get_device_name(i),
+                "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
+                "memory_mb": torch.cuda.get_device_properties(i).total_memory // 2**20,
+            }
+            for i in range(torch.cuda.device_count())
+        ]
+        return facts
+    if allow_cpu:
+        return facts
+    why = (
+        "this torch is a CPU-only build (torch.version.cuda is None): install the cu126 build"
+        if torch.version.cuda is None
+        else "torch has CUDA but sees no GPU (no --gres, CUDA_VISIBLE_DEVICES empty, or no driver)"
+    )
+    raise ResourceError(f"{step}: needs a GPU, but {why}; set allow_cpu: true to run on the CPU")
