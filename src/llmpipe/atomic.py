@@ -8,6 +8,7 @@ under the final name (rename within one file system is atomic). Leftover tempora
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -16,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from llmpipe.errors import ResourceError
 
 TMP_PREFIX = ".tmp-"
 
@@ -34,8 +37,9 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         _fsync_file(tmp_path)
         os.replace(tmp_path, dest)
-    except BaseException:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
+        _raise_if_disk_full(err, dest)
         raise
 
 
@@ -52,9 +56,22 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(err, dest)
         raise
+
+
+def _raise_if_disk_full(err: BaseException, dest: Path) -> None:
+    """Turn "no space left" (from Python or a tool's message) into one clear error."""
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or "No space left on device" in str(err)
+    if full:
+        free = shutil.disk_usage(dest.parent).free / 1e9
+        raise ResourceError(
+            f"{dest}: the disk is full ({free:.2f} GB free on {dest.parent}); nothing was "
+            f"written under this name. Free space or point results/ elsewhere, then rerun"
+        ) from err
 
 
 def remove_leftovers(dest: Path) -> None:

@@ -41,12 +41,26 @@ def validate(config: dict, schema_path: str | Path) -> dict:
     _fill_defaults(config, schema)
     errors = sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path))
     if errors:
-        err = errors[0]
-        where = _key_path(err.absolute_path) or "config"
-        expected = err.schema.get("description", "").split(".")[0]
-        hint = f" (expected: {expected})" if expected and err.validator != "enum" else ""
-        raise ConfigError(f"{where}: {err.message}{hint}")
+        raise ConfigError(_describe(errors[0]))
     return config
+
+
+def _describe(err) -> str:
+    """One line: the key path, the offending value, and what was expected."""
+    where = _key_path(err.absolute_path) or "config"
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        prefix = "" if where == "config" else f"{where}."
+        return f"{prefix}{extra[0]}: unknown key (expected one of: {', '.join(allowed)})"
+    if err.validator == "propertyNames" or (err.validator == "pattern" and where == "models"):
+        return (
+            f"{where}: {err.instance!r} is not a valid id (letters, digits, '.', '_', '-'; "
+            f"no leading '.', at most 64 characters; it becomes a folder name under results/)"
+        )
+    expected = err.schema.get("description", "").split(".")[0]
+    hint = f" (expected: {expected})" if expected and err.validator != "enum" else ""
+    return f"{where}: {err.message}{hint}"
 
 
 def _fill_defaults(node: object, schema: dict) -> None:
@@ -112,6 +126,7 @@ def check(config: dict, workdir: str | Path = ".") -> None:
     prompts = Path(workdir, config["prompts"])
     if not prompts.is_file():
         raise ConfigError(f"prompts: file {prompts} does not exist (expected one prompt per line)")
+    read_prompts(prompts)  # an empty file is an error now, not after the model chain ran
 
 
 _SOURCE_KEYS = {"package": ("package", "file"), "dir": ("path",), "hub": ("repo_id",)}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from llmpipe import atomic, manifest, provenance
-from llmpipe.errors import SourceError
+from llmpipe.errors import IntegrityError, SourceError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 HUB_PATTERNS = [
@@ -82,6 +82,8 @@ def check_hf_folder(
     safetensors = sorted(folder.glob("*.safetensors"))
     if safetensors:
         _check_shards(folder, "model.safetensors.index.json")
+        for path in safetensors:
+            check_safetensors(path)
         return "safetensors"
     pickles = [p for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)]
     if pickles:
@@ -105,6 +107,28 @@ def needs_remote_code(config: dict) -> bool:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING_NAMES
+
+
+def check_safetensors(path: Path) -> None:
+    """Cheap integrity check: the header parses and the file holds every tensor byte it lists."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise IntegrityError(f"{path}: truncated safetensors file ({size} bytes)")
+        header_len = int.from_bytes(raw, "little")
+        if header_len > min(size - 8, 100 * 2**20):
+            raise IntegrityError(f"{path}: not a safetensors file or truncated header")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise IntegrityError(f"{path}: corrupt safetensors header ({err})") from err
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise IntegrityError(
+            f"{path}: truncated safetensors file ({size} bytes, its header needs {expected})"
+        )
 
 
 def _check_shards(folder: Path, index_name: str) -> None:

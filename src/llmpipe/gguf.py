@@ -9,14 +9,16 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from llmpipe import atomic, provenance
-from llmpipe.errors import ConfigError, IntegrityError, PipelineError
+from llmpipe.errors import ConfigError, IntegrityError, PipelineError, ResourceError
 from llmpipe.manifest import sha256_file
 from llmpipe.paths import LLAMA_CPP_DIR
 
@@ -95,12 +97,9 @@ def convert_hf_to_gguf(
             outtype,
         ]
         print("running:", " ".join(cmd), file=sys.stderr, flush=True)
-        done = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
-        if done.returncode != 0:
-            raise PipelineError(
-                f"llama.cpp converter failed on {hf_dir} (exit {done.returncode}); its messages "
-                f"are above in this log (an architecture it does not support says so there)"
-            )
+        rc, tail = _run_teed(cmd)
+        if rc != 0:
+            raise PipelineError(_converter_failure(Path(hf_dir), rc, tail))
         info = gguf_info(tmp)
         digest = sha256_file(tmp)
     record = {
@@ -115,6 +114,37 @@ def convert_hf_to_gguf(
     }
     atomic.write_json(record_path, record)
     return record
+
+
+def _run_teed(cmd: list[str], keep: int = 60) -> tuple[int, list[str]]:
+    """Run ``cmd``, copying its output to our stderr (the rule log); return rc and the tail."""
+    tail: list[str] = []
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            tail = [*tail[-keep + 1 :], line.rstrip()]
+    return proc.returncode, tail
+
+
+def _converter_failure(hf_dir: Path, rc: int, tail: list[str]) -> str:
+    text = "\n".join(tail)
+    if "not supported" in text and ("Architecture" in text or "Model " in text):
+        try:
+            archs = json.loads((hf_dir / "config.json").read_text()).get("architectures")
+        except (OSError, ValueError):
+            archs = None
+        return (
+            f"{hf_dir}/config.json: architecture {archs} is not supported by the pinned "
+            f"llama.cpp converter (llama-cpp-python 0.3.36); such a model can still be "
+            f"evaluated with the transformers backend"
+        )
+    if "No space left on device" in text:
+        return f"converter ran out of disk space writing the GGUF from {hf_dir}"
+    last = next((line for line in reversed(tail) if line.strip()), "")
+    return f"llama.cpp converter failed on {hf_dir} (exit {rc}): {last}"
 
 
 def ftype_constant(quant: str) -> int:
@@ -147,7 +177,16 @@ def quantize_gguf(
             str(src_gguf).encode(), str(tmp).encode(), ctypes.byref(params)
         )
         if rc != 0:
-            raise PipelineError(f"llama_model_quantize {src_gguf} -> {quant} failed (rc={rc})")
+            free = shutil.disk_usage(Path(out_gguf).parent).free
+            if free < 16 * 2**20:  # the partial output is still there: a full disk reads ~0
+                raise ResourceError(
+                    f"{out_gguf}: the disk is full ({free / 1e9:.2f} GB free) while quantizing "
+                    f"to {quant}; nothing was written under this name. Free space and rerun"
+                )
+            raise PipelineError(
+                f"llama_model_quantize {src_gguf} -> {quant} failed (rc={rc}); llama.cpp's "
+                f"reason is above in this log"
+            )
         info = gguf_info(tmp)
         digest = sha256_file(tmp)
     record = {

@@ -1,0 +1,310 @@
+"""The catalogue of bad inputs and faults: each gets one clear error naming the key or file.
+
+Every test here carries ``@pytest.mark.fault(case, message)``; ``docs/faults.md`` is generated
+from these markers and checked by ``test_catalogue_is_up_to_date`` (rewrite it with
+``LLMPIPE_WRITE_CATALOGUE=1 pytest tests/test_faults.py -k catalogue``).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import REPO, default_config, make_tiny_hf, make_workdir, snakemake
+
+from llmpipe import atomic, manifest
+from llmpipe import config as cfg
+from llmpipe.errors import ConfigError, IntegrityError, PipelineError, ResourceError, SourceError
+from llmpipe.fetch import check_hf_folder, fetch_model
+from llmpipe.gguf import convert_hf_to_gguf, gguf_info
+from llmpipe.monitor import require_gpu
+from llmpipe.stage import ensure_staged
+
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+CATALOGUE = REPO / "docs" / "faults.md"
+fault = pytest.mark.fault
+
+
+def config_error(mutate) -> str:
+    config = default_config()
+    mutate(config)
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(config, SCHEMA)
+        cfg.check(config, workdir=REPO)
+    return str(err.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@fault("a typo'd config key", "quantise: unknown key (expected one of: convert, hub, …)")
+def test_typo_key():
+    msg = config_error(lambda c: c.update(quantise={"types": ["Q8_0"]}))
+    assert msg.startswith("quantise: unknown key (expected one of: convert, hub,")
+    msg = config_error(lambda c: c["models"]["smollm2"].update(sorce="dir"))
+    assert msg.startswith("models.smollm2.sorce: unknown key (expected one of: allow_pickle,")
+
+
+@fault("an unknown quantization type", "quantize.types[1]: 'Q4_K_X' is not one of")
+def test_unknown_quant():
+    msg = config_error(lambda c: c["quantize"].update(types=["Q8_0", "Q4_K_X"]))
+    assert msg.startswith("quantize.types[1]: 'Q4_K_X' is not one of")
+
+
+@fault("a quantization type that needs an importance matrix", "'IQ2_XS' needs an importance")
+def test_imatrix_quant():
+    assert "'IQ2_XS' needs an importance matrix" in config_error(
+        lambda c: c["quantize"].update(types=["IQ2_XS"])
+    )
+
+
+@pytest.mark.parametrize("name", ["org/model", "../escape", "my model", ".hidden", "a" * 65])
+@fault(
+    "a model id with '/', '..', spaces, a leading dot or 65+ characters",
+    "models: 'org/model' is not a valid id (letters, digits, '.', '_', '-'; …)",
+)
+def test_unsafe_model_id(name):
+    msg = config_error(lambda c: c["models"].update({name: {"source": "dir", "path": "/x"}}))
+    assert msg.startswith(f"models: {name!r} is not a valid id")
+
+
+@fault("a source folder that does not exist", "/nonexistent/llama does not exist")
+def test_missing_source_folder(tmp_path):
+    with pytest.raises(SourceError, match="/nonexistent/llama does not exist"):
+        fetch_model(
+            "m",
+            {"source": "dir", "path": "/nonexistent/llama"},
+            tmp_path / "hf",
+            tmp_path / "manifest.json",
+            {},
+        )
+    assert not (tmp_path / "manifest.json").exists()
+
+
+@fault("a checkpoint with only pickle .bin files", "only pickle checkpoints")
+def test_pickle_only(tiny_hf, tmp_path):
+    folder = shutil.copytree(tiny_hf, tmp_path / "p")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(SourceError, match="only pickle checkpoints .* allow_pickle: true"):
+        check_hf_folder(folder)
+
+
+@fault("a truncated safetensors file", "truncated safetensors file")
+def test_truncated_safetensors(tiny_hf, tmp_path):
+    folder = shutil.copytree(tiny_hf, tmp_path / "t")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(IntegrityError, match="model.safetensors: truncated safetensors file"):
+        check_hf_folder(folder)
+
+
+@fault("a corrupt GGUF (wrong magic bytes)", "not a GGUF file")
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + os.urandom(4096))
+    with pytest.raises(IntegrityError, match="bad.gguf: not a GGUF file"):
+        gguf_info(bad)
+
+
+@fault("a truncated GGUF", "truncated GGUF")
+def test_truncated_gguf(tiny_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    data = tiny_gguf.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IntegrityError, match="cut.gguf: .*truncated"):
+        gguf_info(cut)
+
+
+@fault("an empty prompts file", "has no prompts")
+def test_empty_prompts(tmp_path):
+    workdir = make_workdir(tmp_path / "w")
+    (workdir / "config" / "prompts.txt").write_text("\n  \n")
+    done = snakemake(workdir, "-n", check=False)
+    assert done.returncode != 0 and "has no prompts" in done.stdout + done.stderr
+
+
+@fault("a RAM disk without room", "stage.root: ... GB free, staging needs")
+def test_ram_disk_full(tiny_hf, tmp_path):
+    with pytest.raises(ResourceError, match="stage.root: .* GB free, staging needs"):
+        ensure_staged(tiny_hf, manifest.build(tiny_hf), tmp_path, "m", reserve_gb=1e9)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB file system (tmpfs; needs root) standing in for a results disk that fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+@fault("an output disk that fills", "the disk is full")
+def test_output_disk_full(small_disk):
+    dest = small_disk / "big.json"
+    with pytest.raises(ResourceError, match="big.json: the disk is full"):
+        atomic.write_text(dest, "x" * 5_000_000)
+    assert list(small_disk.iterdir()) == []  # no partial file under any name
+
+
+@fault("a GPU rule on a machine without a GPU", "needs a GPU")
+def test_gpu_rule_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ResourceError, match="evaluate: needs a GPU"):
+        require_gpu(allow_cpu=False, step="evaluate")
+
+
+@fault("a model that needs trust_remote_code without opt-in", "trust_remote_code: true")
+def test_remote_code(tiny_hf, tmp_path):
+    folder = shutil.copytree(tiny_hf, tmp_path / "c")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="acme_lm", auto_map={"AutoModelForCausalLM": "m.AcmeLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match="'acme_lm' is not built into transformers"):
+        check_hf_folder(folder)
+
+
+@fault("an architecture the converter does not support", "is not supported by the pinned")
+def test_unsupported_architecture(tiny_hf, tmp_path):
+    folder = shutil.copytree(tiny_hf, tmp_path / "u")
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["AcmeForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out" / "u.gguf"
+    with pytest.raises(PipelineError, match=r"\['AcmeForCausalLM'\] is not supported"):
+        convert_hf_to_gguf(folder, out, "f16", tmp_path / "out" / "u.json")
+    assert list(out.parent.iterdir()) == []
+
+
+@fault("a hub source while offline", "not in ... and the hub cannot be reached")
+def test_hub_offline(tmp_path):
+    with pytest.raises(SourceError, match="'org/absent' .* hub cannot be reached"):
+        fetch_model(
+            "m",
+            {"source": "hub", "repo_id": "org/absent"},
+            tmp_path / "hf",
+            tmp_path / "m.json",
+            {"cache_dir": str(tmp_path / "cache"), "offline": True},
+        )
+
+
+@fault("a relative path for a shared-storage model", "models.m.path: 'scratch/x' is relative")
+def test_relative_path():
+    msg = config_error(lambda c: c["models"].update(m={"source": "dir", "path": "scratch/x"}))
+    assert "models.m.path: 'scratch/x' is relative" in msg
+
+
+@fault("a source package that is not installed", "'acme_models' is not installed")
+def test_missing_package(tmp_path):
+    spec = {"source": "package", "package": "acme_models", "file": "m.gguf"}
+    with pytest.raises(SourceError, match="'acme_models' is not installed"):
+        fetch_model("m", spec, tmp_path / "hf", tmp_path / "m.json", {})
+
+
+@fault("a shell metacharacter in a config string", "does not exist (no command runs)")
+def test_no_config_string_reaches_a_shell(tmp_path):
+    marker = tmp_path / "pwned"
+    path = f"/nonexistent/$(touch {marker});touch {marker}"
+    with pytest.raises(SourceError, match="does not exist"):
+        fetch_model("m", {"source": "dir", "path": path}, tmp_path / "hf", tmp_path / "m.json", {})
+    assert not marker.exists()
+
+
+@fault("a staged copy damaged after staging", "re-staged (reason: damaged)")
+def test_damaged_stage(tiny_hf, tmp_path):
+    mf = manifest.build(tiny_hf)
+    staged = Path(ensure_staged(tiny_hf, mf, tmp_path, "m")["path"])
+    (staged / "model.safetensors").write_bytes(b"")
+    record = ensure_staged(tiny_hf, mf, tmp_path, "m")
+    assert not record["hit"] and "damaged" in record["reason"]
+    manifest.verify(staged, mf, check_hash=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A valid GGUF with two tensors, written with the gguf library."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    out = tmp_path_factory.mktemp("g") / "tiny-F16.gguf"
+    writer = GGUFWriter(str(out), "llama")
+    writer.add_tensor("a.weight", np.ones((64, 64), dtype=np.float16))
+    writer.add_tensor("b.weight", np.zeros((64, 128), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_info(out)["n_params"] == 64 * 64 + 64 * 128
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalogue document, generated from the markers above (and in any other test file).
+
+
+def collect_catalogue() -> list[tuple[str, str, str]]:
+    rows = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for deco in node.decorator_list:
+                if (
+                    isinstance(deco, ast.Call)
+                    and isinstance(deco.func, (ast.Name, ast.Attribute))
+                    and (
+                        getattr(deco.func, "id", None) == "fault"
+                        or getattr(deco.func, "attr", None) == "fault"
+                    )
+                ):
+                    case, message = (ast.literal_eval(a) for a in deco.args[:2])
+                    rows.append((case, message, f"{path.name}::{node.name}"))
+    return rows
+
+
+def render_catalogue(rows) -> str:
+    lines = [
+        "# Bad inputs and faults",
+        "",
+        "Each row is backed by the test named in it; every case ends in one clear error naming",
+        "the key or file and what was expected, and leaves no output under its final name.",
+        "Generated from the `@pytest.mark.fault` markers in `tests/` (see tests/test_faults.py).",
+        "",
+        "| # | case | message (excerpt) | test |",
+        "|---|---|---|---|",
+    ]
+    for i, (case, message, test) in enumerate(rows, 1):
+        lines.append(f"| {i} | {case} | `{message}` | `{test}` |")
+    return "\n".join(lines) + "\n"
+
+
+def test_catalogue_is_up_to_date():
+    rows = collect_catalogue()
+    text = render_catalogue(rows)
+    if os.environ.get("LLMPIPE_WRITE_CATALOGUE"):
+        CATALOGUE.parent.mkdir(exist_ok=True)
+        CATALOGUE.write_text(text)
+    assert len(rows) >= 20
+    assert CATALOGUE.read_text() == text, "docs/faults.md is stale: see this file's docstring"
+
+
+def test_markers_are_registered():
+    assert "fault" in copy.deepcopy((REPO / "pyproject.toml").read_text())
