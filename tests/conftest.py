@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 from helpers import make_workdir, snakemake
-from slurm_cluster import slurm_cluster  # noqa: F401  (session-wide local Slurm cluster)
+from slurm_cluster import slurm_cluster, slurm_session  # noqa: F401  (local Slurm cluster)
+
+
+PLANTED_TOKEN = "hf_PlantedSecretToken0123456789abcdefXYZ"
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +23,8 @@ def default_run(tmp_path_factory) -> Path:
     if reuse:
         return Path(reuse)
     workdir = make_workdir(tmp_path_factory.mktemp("default-run"))
-    snakemake(workdir, "--cores", "2")
+    # Every job of the run sees a planted hub token; test_security checks it is never written.
+    snakemake(workdir, "--cores", "2", env={"HF_TOKEN": PLANTED_TOKEN})
     return workdir
 
 
