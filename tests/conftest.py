@@ -9,7 +9,6 @@ import pytest
 from helpers import make_workdir, snakemake
 from slurm_cluster import slurm_cluster, slurm_session  # noqa: F401  (local Slurm cluster)
 
-
 PLANTED_TOKEN = "hf_PlantedSecretToken0123456789abcdefXYZ"
 
 
