@@ -109,3 +109,19 @@ def make_tiny_hf(folder: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     fast.save_pretrained(folder)
     return folder
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    """A cheap copy of a finished run (results hard-linked, same mtimes) to edit freely.
+
+    Outputs are replaced by rename, never written in place, so the original stays intact.
+    """
+    shutil.copytree(src / "config", dest / "config")
+    shutil.copytree(
+        src / ".snakemake",
+        dest / ".snakemake",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("conda", "singularity", "log", "locks"),
+    )
+    shutil.copytree(src / "results", dest / "results", symlinks=True, copy_function=os.link)
+    return dest

@@ -8,11 +8,14 @@ records GPU TRES) and an account/user association (so `--account` is checked lik
 
 IMPORTANT: once the Slurm client is installed, every `snakemake` start (even `snakemake
 --version`) imports the Slurm executor plugin, which runs `scontrol show config` with a 10 s
-timeout. If a slurm.conf is found but no controller answers, each snakemake process waits those
-10 s. So the cluster must be up for the whole test session: the `slurm_cluster` fixture below is
-session-scoped, starts once, and exports SLURM_CONF into os.environ for the session so every
-subprocess (snakemake, sbatch, the jobs themselves) reaches this cluster. Without any slurm.conf
-(no SLURM_CONF, no /etc/slurm/slurm.conf) scontrol fails at once, which costs nothing.
+timeout. If a slurm.conf is found but no controller answers, or SLURM_CONF names a file that does
+not exist (scontrol then retries for 60 s), each snakemake process waits those 10 s. Only with no
+config at all (no SLURM_CONF, no /etc/slurm/slurm.conf) does scontrol fail at once. So the cluster
+must be up for the whole test session: `slurm_session` below starts it once per session, exports
+SLURM_CONF into os.environ until the session ends (every subprocess: snakemake, sbatch, the jobs
+themselves reach this cluster) and never skips, so it can be made autouse in conftest.py;
+`slurm_cluster` is what a test asks for: it skips with the reason where no cluster can run (not
+root, packages not installable).
 
 Several clusters can run side by side (e.g. the `tools/slurm/dev_cluster.py up` one and a test
 session's): each picks free TCP ports, its own munge socket and its own database socket.
@@ -33,13 +36,17 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+try:
+    import pytest
+except ImportError:  # tools/slurm/dev_cluster.py may run under a python without pytest
+    pytest = None
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO / "tools" / "slurm" / "install.sh"
@@ -54,6 +61,8 @@ ID_ENV = "LLMPIPE_SLURM_CLUSTER_ID"
 # folder: munged runs as `munge` and must reach them, while pytest's tmp folders are root-only
 # (0700); a unix socket path must also stay under 108 bytes.
 RUN_ROOT = Path("/run/llmpipe-slurm")
+# Marks a state folder as ours, so the dev tool only ever wipes such a folder.
+STATE_MARKER = ".llmpipe-slurm-state"
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -77,7 +86,7 @@ def _proc_starttime(pid: int) -> int | None:
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":  # PID 1 here may not reap orphans: a zombie counts as exited
+    if fields[0] == "Z":  # orphans may stay zombies a while (PID 1 reaps late): gone for us
         return None
     return int(fields[19])
 
@@ -185,13 +194,18 @@ class LocalSlurmCluster:
         *,
         conf_dir: Path | str | None = None,
         persistent: bool = False,
+        cpus: int | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.conf_dir = Path(conf_dir) if conf_dir else self.state_dir / "etc"
         # persistent=True (dev cluster): no owner process; otherwise a later start of another
         # cluster stops this one once the process that started it is gone (e.g. pytest killed).
         self.persistent = persistent
-        self.cluster_id = hashlib.sha1(str(self.state_dir).encode()).hexdigest()[:10]
+        # None = the machine's real topology (at least 2 CPUs, so 2-task steps always fit);
+        # a number advertises that many CPUs whatever the hardware (jobs asking for more CPUs
+        # than a small CI machine has would otherwise pend forever).
+        self.cpus = cpus
+        self.cluster_id = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:10]
         self.run_dir = RUN_ROOT / self.cluster_id
         self.munge_dir = self.run_dir / "munge"
         self.record_file = self.run_dir / "cluster.json"
@@ -203,6 +217,9 @@ class LocalSlurmCluster:
         self.daemons: list[Daemon] = []
         self.ports: dict[str, int] = {}
         self.startup_seconds: float | None = None
+        self.timings: dict[str, float] = {}
+        self._last_probe = ""
+        self._t0 = self._deadline = time.monotonic()
 
     # ----------------------------------------------------------------- client side
 
@@ -265,33 +282,61 @@ class LocalSlurmCluster:
                 return state.split()[0] if state else ""
         return ""
 
+    def controller_state(self, job_id: str) -> str:
+        """The job's state as slurmctld sees it now ('' once purged after MinJobAge)."""
+        show = self.run("scontrol", "-o", "show", "job", job_id, check=False)
+        return (
+            _parse_scontrol_record(show.stdout).get("JobState", "") if show.returncode == 0 else ""
+        )
+
     def wait_for_state(
-        self, job_id: str, states: Sequence[str], timeout: float = 30, poll: float = 0.3
+        self,
+        job_id: str,
+        states: Sequence[str],
+        timeout: float = 30,
+        poll: float = 0.2,
+        *,
+        via: str = "sacct",
     ) -> str:
-        """Poll sacct until the job reaches one of `states` (e.g. COMPLETED)."""
+        """Poll until the job reaches one of `states` (e.g. COMPLETED).
+
+        via="sacct" asks the accounting database (what the Snakemake plugin polls); it learns
+        that a job started a few seconds late, so wait for RUNNING via="scontrol".
+        """
+        query = {"sacct": self.sacct_state, "scontrol": self.controller_state}[via]
         deadline = time.monotonic() + timeout
         state = ""
         while time.monotonic() < deadline:
-            state = self.sacct_state(job_id)
+            state = query(job_id)
             if state in states:
                 return state
             time.sleep(poll)
         raise SlurmClusterError(
-            f"job {job_id} not in {list(states)} after {timeout} s (sacct says {state!r});\n"
+            f"job {job_id} not in {list(states)} after {timeout} s ({via} says {state!r});\n"
             f"{self.run('scontrol', 'show', 'job', job_id, check=False).stdout}"
         )
 
-    def job_resources(self, job_id: str) -> JobResources:
-        """Allocated/requested TRES from sacct plus the controller's `scontrol show job` record."""
-        out = self.run(
-            "sacct", "-j", job_id, "--format=JobID,AllocTRES%80,ReqTRES%80", "-P", "-n"
-        ).stdout
-        alloc: dict[str, str] = {}
-        req: dict[str, str] = {}
-        for line in out.splitlines():
-            jid, alloc_text, req_text = (line.split("|") + ["", ""])[:3]
-            if jid == job_id:  # the allocation line, not .batch/.extern/steps
-                alloc, req = _parse_tres(alloc_text), _parse_tres(req_text)
+    def job_resources(self, job_id: str, settle: float = 10) -> JobResources:
+        """Allocated/requested TRES from sacct plus the controller's `scontrol show job` record.
+
+        slurmdbd is eventually consistent: for a short job the end record (AllocTRES, state
+        COMPLETED) can arrive seconds before the start record that carries ReqTRES. So poll up to
+        `settle` seconds until both are there (a job cancelled while pending never gets them).
+        """
+        deadline = time.monotonic() + settle
+        while True:
+            out = self.run(
+                "sacct", "-j", job_id, "--format=JobID,AllocTRES%80,ReqTRES%80", "-P", "-n"
+            ).stdout
+            alloc: dict[str, str] = {}
+            req: dict[str, str] = {}
+            for line in out.splitlines():
+                jid, alloc_text, req_text = (line.split("|") + ["", ""])[:3]
+                if jid == job_id:  # the allocation line, not .batch/.extern/steps
+                    alloc, req = _parse_tres(alloc_text), _parse_tres(req_text)
+            if (alloc and req) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
         show = self.run("scontrol", "-o", "show", "job", job_id, check=False)
         record = _parse_scontrol_record(show.stdout) if show.returncode == 0 else {}
         return JobResources(job_id, alloc, req, record)
@@ -299,7 +344,9 @@ class LocalSlurmCluster:
     # ----------------------------------------------------------------- configuration
 
     def _write_configs(self) -> None:
-        node = self._node_line()
+        node, made_up = self._node_line()
+        # slurmd accepts a node bigger than the hardware only with config_overrides.
+        overrides = "SlurmdParameters=config_overrides\n" if made_up else ""
         self.conf_dir.mkdir(parents=True, exist_ok=True)
         auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_dir / 'munge.socket'}\n"
         slurm_conf = f"""{MARKER}
@@ -327,6 +374,8 @@ JobAcctGatherFrequency=30
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# Start batch jobs at once (default: up to 3 s later); keeps test round trips short.
+SchedulerParameters=batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Without a default a job without --mem gets the whole node and everything else queues.
@@ -349,7 +398,7 @@ AccountingStoragePass={self.munge_dir / "munge.socket"}
 AccountingStorageTRES=gres/gpu,gres/gpu:{self.gpu_type}
 # Reject jobs whose --account has no association, as a real site does.
 AccountingStorageEnforce=associations
-{node}
+{overrides}{node}
 PartitionName={self.cpu_partition} Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
 PartitionName={self.gpu_partition} Nodes={self.hostname} MaxTime=INFINITE State=UP
 """
@@ -388,7 +437,7 @@ StorageLoc=slurm_acct_db
             path.write_text(text)
             path.chmod(mode)
 
-    def _node_line(self) -> str:
+    def _node_line(self) -> tuple[str, bool]:
         # `slurmd -C` reports this machine's real topology, so the node never drains for a
         # CPU/memory mismatch.
         proc = subprocess.run(
@@ -397,17 +446,23 @@ StorageLoc=slurm_acct_db
         line = next(x for x in proc.stdout.splitlines() if x.startswith("NodeName="))
         fields = _parse_scontrol_record(line)
         fields.pop("NodeName", None)
+        cpus = self.cpus or max(2, int(fields["CPUs"]))
+        made_up = cpus != int(fields["CPUs"])
+        if made_up:
+            fields = {"CPUs": str(cpus), "RealMemory": fields["RealMemory"]}
         topo = " ".join(f"{k}={v}" for k, v in fields.items())
-        return (
+        line = (
             f"NodeName={self.hostname} NodeAddr=127.0.0.1 {topo} "
             f"Gres=gpu:{self.gpu_type}:1 State=UNKNOWN"
         )
+        return line, made_up
 
     def _prepare_state(self) -> None:
+        (self.state_dir / STATE_MARKER).touch()
         for sub in ("log", "slurmctld", "slurmd"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         if not self.gpu_device.exists():
-            os.mknod(self.gpu_device, 0o666 | 0o020000, os.makedev(1, 3))
+            os.mknod(self.gpu_device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         # munged insists on its own user owning key, socket folder and log, and on no
         # group/other access to the key.
         munge = pwd.getpwnam("munge")
@@ -453,29 +508,51 @@ StorageLoc=slurm_acct_db
     def _wait_for(
         self, daemon: Daemon | None, what: str, check, timeout: float, poll: float = 0.1
     ) -> None:
-        """Poll `check()` until true; fail fast (with the daemon's log) if the daemon dies."""
-        deadline = time.monotonic() + timeout
+        """Poll `check()` until true; fail fast (with the daemon's log) if the daemon dies or a
+        client probe hits a fatal error (e.g. slurm.conf does not parse)."""
+        deadline = min(time.monotonic() + timeout, self._deadline)
+        self._last_probe = ""
         while True:
             if check():
+                # Seconds since start() began, per milestone: where start-up time goes.
+                self.timings[what] = round(time.monotonic() - self._t0, 2)
                 return
+            problem = None
             if daemon is not None and not daemon.alive():
-                raise SlurmClusterError(daemon.describe_failure(f"exited while waiting for {what}"))
-            if time.monotonic() > deadline:
-                msg = f"timed out after {timeout:.0f} s waiting for {what}"
-                if daemon is not None:
-                    raise SlurmClusterError(daemon.describe_failure(msg))
+                problem = f"exited while waiting for {what}"
+            elif "fatal:" in self._last_probe:
+                problem = f"is running, but a client probe failed fatally waiting for {what}"
+            elif time.monotonic() > deadline:
+                problem = f"timed out after {timeout:.0f} s waiting for {what}"
+            if problem:
+                msg = daemon.describe_failure(problem) if daemon else f"{what}: {problem}"
+                if self._last_probe:
+                    msg += f"\n--- last probe ---\n{self._last_probe}"
                 raise SlurmClusterError(msg)
             time.sleep(poll)
 
-    def _ok(self, *args: str, timeout: float = 5) -> bool:
+    def _probe(self, *args: str, timeout: float = 5) -> subprocess.CompletedProcess[str] | None:
+        """Run a readiness probe; its output is kept for the error message if waiting fails."""
         try:
-            return self.run(*args, timeout=timeout, check=False).returncode == 0
-        except SlurmClusterError:
-            return False
+            proc = self.run(*args, timeout=timeout, check=False)
+        except SlurmClusterError as exc:
+            self._last_probe = str(exc)
+            return None
+        self._last_probe = f"$ {' '.join(args)}  (rc={proc.returncode})\n{proc.stdout}{proc.stderr}"
+        return proc
+
+    def _ok(self, *args: str, timeout: float = 5) -> bool:
+        proc = self._probe(*args, timeout=timeout)
+        return proc is not None and proc.returncode == 0
 
     def start(self, timeout: float = 90) -> LocalSlurmCluster:
-        """Start every daemon; return only when a test srun ran and sacct has its record."""
-        t0 = time.monotonic()
+        """Start every daemon; return only when a test srun ran and sacct has its record.
+
+        `timeout` bounds the whole start-up; each step also has its own, shorter limit.
+        """
+        self._t0 = t0 = time.monotonic()
+        self._deadline = t0 + timeout
+        self.timings = {}
         reap_orphaned_clusters()
         if self.record_file.exists() or self.daemons:
             self.stop()
@@ -484,14 +561,14 @@ StorageLoc=slurm_acct_db
         try:
             self._prepare_state()
             self._write_configs()
-            self._start_all(timeout)
+            self._start_all()
         except BaseException:
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - t0
         return self
 
-    def _start_all(self, timeout: float) -> None:
+    def _start_all(self) -> None:
         log = self.log_dir
         # MariaDB's datadir bootstrap (~2 s) overlaps munged's start.
         fresh_db = not (self.db_dir / "data" / "mysql").is_dir()
@@ -505,6 +582,29 @@ StorageLoc=slurm_acct_db
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True,
                 )  # fmt: skip
+        try:
+            self._start_munged()
+        except BaseException:
+            if fresh_db:
+                install.kill()
+                install.wait()
+            raise
+        if fresh_db:
+            try:
+                rc = install.wait(timeout=max(1.0, self._deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                install.kill()
+                install.wait()
+                rc = "timeout"
+            if rc != 0:
+                raise SlurmClusterError(
+                    f"mariadb-install-db failed ({rc}); last lines of {install_log}:\n"
+                    f"{_tail(install_log)}"
+                )
+        self._start_database()
+        self._start_slurm()
+
+    def _start_munged(self) -> None:
         munge_log = self.munge_dir / "munged.log"
         munged = self._spawn(
             "munged",
@@ -523,18 +623,9 @@ StorageLoc=slurm_acct_db
             extra_groups=[],
         )  # fmt: skip
         self._wait_for(munged, "munged's socket", (self.munge_dir / "munge.socket").exists, 10)
-        if fresh_db:
-            try:
-                rc = install.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                install.kill()
-                rc = "timeout"
-            if rc != 0:
-                raise SlurmClusterError(
-                    f"mariadb-install-db failed ({rc}); last lines of {install_log}:\n"
-                    f"{_tail(install_log)}"
-                )
 
+    def _start_database(self) -> None:
+        log = self.log_dir
         mariadb = self._spawn(
             "mariadbd",
             ["/usr/sbin/mariadbd", "--no-defaults", *self._mariadb_opts(),
@@ -565,25 +656,28 @@ StorageLoc=slurm_acct_db
         self._wait_for(
             dbd,
             "slurmdbd to answer sacctmgr",
-            lambda: self._ok("sacctmgr", "-n", "-P", "show", "cluster"),
+            lambda: self._ok("sacctmgr", "-n", "-P", "show", "cluster", "format=cluster"),
             30,
             poll=0.3,
         )
-        # The cluster must exist in the database before slurmctld registers (enforced
-        # associations); then the account + user association a job's --account refers to.
-        for cmd in (
-            ["add", "cluster", self.cluster_name],
-            ["add", "account", self.account, f"cluster={self.cluster_name}",
-             "description=llmpipe tests", "organization=llmpipe"],
-            ["add", "user", "root", f"account={self.account}", f"cluster={self.cluster_name}"],
-        ):  # fmt: skip
-            proc = self.run("sacctmgr", "-i", *cmd, check=False)
-            if proc.returncode != 0 and "already exists" not in proc.stdout + proc.stderr:
-                raise SlurmClusterError(
-                    f"sacctmgr {' '.join(cmd)} failed: {proc.stdout}{proc.stderr}\n"
-                    + dbd.describe_failure("is the daemon sacctmgr talked to")
-                )
+        self._add_associations(dbd)
 
+    def _add_associations(self, dbd: Daemon) -> None:
+        # Cluster, account and the user association that a job's --account refers to must all be
+        # in the database before slurmctld starts: an association added while slurmctld is still
+        # coming up is not pushed to it ("Can't find parent id ... for assoc").
+        self._sacctmgr(dbd, "add", "cluster", self.cluster_name)
+        self._sacctmgr(dbd, "add", "account", self.account, f"cluster={self.cluster_name}",
+                       "description=llmpipe tests", "organization=llmpipe")  # fmt: skip
+        self._sacctmgr(dbd, "add", "user", "root", f"account={self.account}",
+                       f"cluster={self.cluster_name}")  # fmt: skip
+        # Jobs without --account land in the project account, as at the target site.
+        self._sacctmgr(dbd, "modify", "user", "root", "set", f"defaultaccount={self.account}")
+        self.timings["accounts added"] = round(time.monotonic() - self._t0, 2)
+
+    def _start_slurm(self) -> None:
+        log = self.log_dir
+        dbd = next(d for d in self.daemons if d.name == "slurmdbd")
         ctld = self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i"], log / "slurmctld.log")
         slurmd = self._spawn("slurmd", ["/usr/sbin/slurmd", "-D"], log / "slurmd.log")
         self._wait_for(
@@ -602,14 +696,18 @@ StorageLoc=slurm_acct_db
             self.run("scontrol", "update", f"nodename={self.hostname}", "state=resume")
 
         # Readiness = a job really runs (sinfo's "idle" is not enough) and accounting has it.
-        probe = self.run(
-            "srun", "-p", self.cpu_partition, "-A", self.account, "-N1", "-n1", "-t", "1",
-            "--job-name=llmpipe-ready", "bash", "-c", "echo JOB_ID=$SLURM_JOB_ID",
-            timeout=max(10.0, timeout / 3), check=False,
-        )  # fmt: skip
-        if probe.returncode != 0:
+        try:
+            probe = self.run(
+                "srun", "-p", self.cpu_partition, "-A", self.account, "-N1", "-n1", "-t", "1",
+                "--job-name=llmpipe-ready", "bash", "-c", "echo JOB_ID=$SLURM_JOB_ID",
+                timeout=max(5.0, min(30.0, self._deadline - time.monotonic())), check=False,
+            )  # fmt: skip
+            failure = "" if probe.returncode == 0 else f"rc={probe.returncode}: {probe.stderr}"
+        except SlurmClusterError as exc:
+            failure = str(exc)
+        if failure:
             raise SlurmClusterError(
-                f"test srun failed (rc={probe.returncode}): {probe.stdout}{probe.stderr}\n"
+                f"test srun failed ({failure.strip()})\n"
                 + slurmd.describe_failure("is the node daemon")
                 + "\n"
                 + ctld.describe_failure("is the controller")
@@ -622,6 +720,17 @@ StorageLoc=slurm_acct_db
             20,
             0.2,
         )
+
+    def _sacctmgr(self, dbd: Daemon, *args: str) -> None:
+        proc = self.run("sacctmgr", "-i", *args, check=False)
+        # A reused database already has them: "already exists" / "Nothing new added".
+        if proc.returncode != 0 and not re.search(
+            r"already exists|Nothing (new added|modified)", proc.stdout + proc.stderr
+        ):
+            raise SlurmClusterError(
+                f"`sacctmgr {' '.join(args)}` failed (rc={proc.returncode}): "
+                f"{proc.stdout}{proc.stderr}\n" + dbd.describe_failure("is the slurmdbd it asked")
+            )
 
     def _mariadb_opts(self) -> list[str]:
         # Small, unsynced InnoDB: the database is throwaway, and this halves the bootstrap time.
@@ -638,20 +747,14 @@ StorageLoc=slurm_acct_db
         ]
 
     def _ping(self) -> str:
-        try:
-            out = self.run("scontrol", "ping", timeout=5, check=False).stdout
-        except SlurmClusterError:
-            return ""
-        match = re.search(r"is (UP|DOWN)", out)
+        proc = self._probe("scontrol", "ping")
+        match = re.search(r"is (UP|DOWN)", proc.stdout) if proc else None
         return match.group(1) if match else ""
 
     def _node_state(self) -> str:
-        try:
-            proc = self.run("sinfo", "-h", "-N", "-n", self.hostname, "-o", "%T", timeout=5,
-                            check=False)  # fmt: skip
-        except SlurmClusterError:
-            return ""
-        return proc.stdout.strip().splitlines()[0].upper() if proc.stdout.strip() else ""
+        proc = self._probe("sinfo", "-h", "-N", "-n", self.hostname, "-o", "%T")
+        out = proc.stdout.strip() if proc else ""
+        return out.splitlines()[0].upper() if out else ""
 
     def is_up(self) -> bool:
         """Controller answers and our daemons are alive (used by the dev `up`/`status`)."""
@@ -671,14 +774,11 @@ StorageLoc=slurm_acct_db
         ctld = by_name.get("slurmctld")
         if ctld is not None and ctld.alive():
             # Jobs first: slurmstepd is not slurmd's child and outlives it otherwise.
-            with contextlib.suppress(Exception):
-                ids = self.run("squeue", "-h", "-o", "%A", timeout=5, check=False).stdout.split()
-                if ids:
+            with contextlib.suppress(SlurmClusterError):
+                if ids := self._queued_jobs():
                     self.run("scancel", *ids, timeout=5, check=False)
                     deadline = time.monotonic() + 10
-                    while time.monotonic() < deadline and self.run(
-                        "squeue", "-h", "-o", "%A", timeout=5, check=False
-                    ).stdout.strip():
+                    while self._queued_jobs() and time.monotonic() < deadline:
                         time.sleep(0.2)
         # Slurm daemons first (they flush state to slurmdbd), then the database, then munge.
         for group in (("slurmd", "slurmctld"), ("slurmdbd",), ("mariadbd", "munged")):
@@ -695,12 +795,17 @@ StorageLoc=slurm_acct_db
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.daemons = []
-        with contextlib.suppress(FileNotFoundError):
-            self.record_file.unlink()
+        with contextlib.suppress(OSError):  # keep munged's log with the others
+            shutil.copy(self.munge_dir / "munged.log", self.log_dir / "munged.log")
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # only when no other cluster uses it
+            RUN_ROOT.rmdir()
         if errors:
             # Not fatal: the machine is clean now, but say what happened.
             print("[slurm-cluster] stop: " + "; ".join(errors))
+
+    def _queued_jobs(self) -> list[str]:
+        return self.run("squeue", "-h", "-o", "%A", timeout=5, check=False).stdout.split()
 
     @staticmethod
     def _signal(daemon: Daemon, sig: int) -> None:
@@ -847,28 +952,57 @@ def install_packages() -> tuple[bool, str]:
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
 
 
-def _skip_or_fail(reason: str) -> None:
-    # CI that must exercise Slurm sets LLMPIPE_REQUIRE_SLURM=1 so a skip cannot hide breakage.
-    if os.environ.get("LLMPIPE_REQUIRE_SLURM") == "1":
-        pytest.fail(f"LLMPIPE_REQUIRE_SLURM=1 but: {reason}", pytrace=False)
-    pytest.skip(reason)
+@dataclass(frozen=True)
+class SlurmUnavailable:
+    """What `slurm_session` yields where no cluster can run here, and why."""
+
+    reason: str
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurmCluster]:
-    """The session's local Slurm cluster; SLURM_CONF points at it for the whole session."""
+def unavailable_reason() -> str | None:
+    """Why no local cluster can run on this machine (installing the packages if needed)."""
     if os.geteuid() != 0:
-        _skip_or_fail("local Slurm cluster needs root (munged, slurmd, MariaDB); not root")
+        return "the local Slurm cluster needs root (munged, slurmd, MariaDB); running as non-root"
     ok, output = install_packages()
     if not ok:
         tail = "\n".join(output.splitlines()[-15:])
-        _skip_or_fail(f"cannot install the Slurm packages with {INSTALL_SCRIPT.name}:\n{tail}")
-    cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm"))
-    with pytest.MonkeyPatch.context() as mp:
-        try:
-            cluster.start()
-            for key, value in cluster.env.items():
-                mp.setenv(key, value)
-            yield cluster
-        finally:
-            cluster.stop()
+        return f"cannot install the Slurm packages with {INSTALL_SCRIPT}:\n{tail}"
+    return None
+
+
+if pytest is not None:
+
+    @pytest.fixture(scope="session")
+    def slurm_session(
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> Iterator[LocalSlurmCluster | SlurmUnavailable]:
+        """Start the session's cluster once and export SLURM_CONF for the whole session.
+
+        Never skips, so it is safe to make autouse in conftest.py (an autouse fixture that
+        skips would skip every test on a non-root machine). A cluster that fails to start on a
+        machine that can run one is an error, not a skip.
+        """
+        if reason := unavailable_reason():
+            yield SlurmUnavailable(reason)
+            return
+        cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm"))
+        with pytest.MonkeyPatch.context() as mp:
+            try:
+                cluster.start()
+                for key, value in cluster.env.items():
+                    mp.setenv(key, value)
+                yield cluster
+            finally:
+                cluster.stop()
+
+    @pytest.fixture(scope="session")
+    def slurm_cluster(slurm_session: LocalSlurmCluster | SlurmUnavailable) -> LocalSlurmCluster:
+        """The session's local Slurm cluster; skips (with the reason) where none can run.
+
+        LLMPIPE_REQUIRE_SLURM=1 (CI that must exercise Slurm) turns that skip into a failure.
+        """
+        if isinstance(slurm_session, SlurmUnavailable):
+            if os.environ.get("LLMPIPE_REQUIRE_SLURM") == "1":
+                pytest.fail(f"LLMPIPE_REQUIRE_SLURM=1 but: {slurm_session.reason}", pytrace=False)
+            pytest.skip(slurm_session.reason)
+        return slurm_session

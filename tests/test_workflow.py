@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import planned_jobs
+from helpers import copy_run, planned_jobs
 
 from llmpipe.errors import IntegrityError
 from llmpipe.gguf import gguf_info
@@ -98,17 +98,7 @@ def test_truncated_gguf_is_refused(smollm2_gguf, tmp_path):
 
 @pytest.fixture
 def run_copy(default_run, tmp_path) -> Path:
-    """A cheap copy of the finished run (results hard-linked, same mtimes) to edit freely."""
-    dest = tmp_path / "copy"
-    shutil.copytree(default_run / "config", dest / "config")
-    shutil.copytree(
-        default_run / ".snakemake",
-        dest / ".snakemake",
-        symlinks=True,
-        ignore=shutil.ignore_patterns("conda", "singularity", "log"),
-    )
-    shutil.copytree(default_run / "results", dest / "results", symlinks=True, copy_function=os.link)
-    return dest
+    return copy_run(default_run, tmp_path / "copy")
 
 
 def edit_config(workdir: Path, edit) -> None:

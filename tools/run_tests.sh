@@ -8,4 +8,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     tools/slurm/install.sh
 fi
+# On CI the Slurm tests must run: a cluster that cannot start is a failure, not a skip.
+if [ "${CI:-}" = true ]; then
+    export LLMPIPE_REQUIRE_SLURM=1
+fi
 exec python -m pytest "$@"
