@@ -11,10 +11,10 @@ from slurm_cluster import slurm_cluster, slurm_session  # noqa: F401  (local Slu
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _slurm_controller_for_the_session(slurm_session):
+def _slurm_controller_for_the_session(request):
     """Once the Slurm client is installed, every snakemake start asks scontrol (10 s timeout
     without a controller): keep the local cluster up for the whole session where it can run."""
-    return slurm_session
+    return request.getfixturevalue("slurm_session")
 
 
 PLANTED_TOKEN = "hf_PlantedSecretToken0123456789abcdefXYZ"
