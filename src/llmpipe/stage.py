@@ -30,9 +30,16 @@ MARKER = ".llmpipe-stage.json"
 GB = 1e9
 
 
+def resolve_root(root: str | os.PathLike) -> Path:
+    """The configured RAM-disk root with ``$VARS`` expanded and ``{job}`` replaced by the Slurm
+    job id (``local`` outside Slurm): e.g. ``$SLURM_TMPDIR`` or ``/dev/shm/{job}`` on sites whose
+    RAM disk is per job."""
+    return Path(os.path.expandvars(str(root)).replace("{job}", current_job() or "local"))
+
+
 def stage_dir(root: str | os.PathLike) -> Path:
     """This user's folder on the RAM disk (root itself may be shared by all users of a node)."""
-    return Path(root) / f"llmpipe-{getpass.getuser()}"
+    return resolve_root(root) / f"llmpipe-{getpass.getuser()}"
 
 
 def current_job() -> str | None:
