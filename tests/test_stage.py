@@ -133,8 +133,8 @@ def test_leftovers_of_a_killed_writer_are_removed(tmp_path):
 def test_root_with_job_placeholder_and_env_vars(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RAMDISK", str(tmp_path / "rd"))
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    local = Path(stage(model_dir, "$RAMDISK/{job}")["path"])
+    local = Path(stage(model_dir, "$RAMDISK/%j")["path"])
     assert local.parent.parent == tmp_path / "rd" / "local"
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    in_job = stage(model_dir, "$RAMDISK/{job}")
+    in_job = stage(model_dir, "$RAMDISK/%j")
     assert Path(in_job["path"]).parent.parent == tmp_path / "rd" / "4242" and not in_job["hit"]

@@ -31,10 +31,10 @@ GB = 1e9
 
 
 def resolve_root(root: str | os.PathLike) -> Path:
-    """The configured RAM-disk root with ``$VARS`` expanded and ``{job}`` replaced by the Slurm
-    job id (``local`` outside Slurm): e.g. ``$SLURM_TMPDIR`` or ``/dev/shm/{job}`` on sites whose
+    """The configured RAM-disk root with ``$VARS`` expanded and ``%j`` replaced by the Slurm
+    job id (``local`` outside Slurm): e.g. ``$SLURM_TMPDIR`` or ``/dev/shm/%j`` on sites whose
     RAM disk is per job."""
-    return Path(os.path.expandvars(str(root)).replace("{job}", current_job() or "local"))
+    return Path(os.path.expandvars(str(root)).replace("%j", current_job() or "local"))
 
 
 def stage_dir(root: str | os.PathLike) -> Path:
