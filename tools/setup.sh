@@ -18,6 +18,11 @@ LLAMA_CPP_PYTHON_VERSION=0.3.36
 SDIST=$DEPS/sdist/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz
 
 log() { printf '[setup] %s\n' "$*" >&2; }
+
+# Two setups at once (two terminals, parallel CI jobs) wait for each other instead of racing.
+mkdir -p "$DEPS"
+exec 9>"$DEPS/.setup.lock"
+flock 9
 sha() { sha256sum | cut -c1-12; }
 
 # 1. The virtual environment and the pinned packages (stamp: hash of the requirements file).
@@ -67,6 +72,14 @@ else
 fi
 key=$(printf '%s %s' "$LLAMA_CPP_PYTHON_VERSION" "$FLAGS" | sha)
 WHEELDIR=$DEPS/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$key
+# A per-user copy (~/.cache/llmpipe) lets other checkouts on the same machine skip the build.
+USER_WHEELDIR=${XDG_CACHE_HOME:-$HOME/.cache}/llmpipe/wheels/$(basename "$WHEELDIR")
+if ! ls "$WHEELDIR"/llama_cpp_python-*.whl >/dev/null 2>&1 &&
+    ls "$USER_WHEELDIR"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    log "reusing the llama-cpp-python wheel built for these flags in $USER_WHEELDIR"
+    mkdir -p "$(dirname "$WHEELDIR")"
+    cp -r "$USER_WHEELDIR" "$WHEELDIR"
+fi
 if ! ls "$WHEELDIR"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     log "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (flags: $FLAGS); takes minutes"
     rm -rf "$WHEELDIR.tmp"
@@ -76,6 +89,9 @@ if ! ls "$WHEELDIR"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     echo "$FLAGS" >"$WHEELDIR.tmp/FLAGS"
     rm -rf "$WHEELDIR"
     mv "$WHEELDIR.tmp" "$WHEELDIR"
+    mkdir -p "$(dirname "$USER_WHEELDIR")" && rm -rf "$USER_WHEELDIR.tmp" &&
+        cp -r "$WHEELDIR" "$USER_WHEELDIR.tmp" && rm -rf "$USER_WHEELDIR" &&
+        mv "$USER_WHEELDIR.tmp" "$USER_WHEELDIR" || log "could not copy the wheel to $USER_WHEELDIR"
 fi
 if [ "$(cat "$VENV/.llama-cpp.stamp" 2>/dev/null)" != "$key" ]; then
     log "installing llama-cpp-python from $WHEELDIR"
