@@ -66,7 +66,7 @@ def snakemake(
 
 def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
     """Dry run: rule -> number of jobs Snakemake would run now (empty when nothing to do)."""
-    done = snakemake(workdir, "-n", "--quiet", "rules", *args)
+    done = snakemake(workdir, "-n", *args, "--quiet", "rules")  # --quiet takes a list: last
     return parse_job_stats(done.stdout + done.stderr)
 
 

@@ -233,6 +233,11 @@ class LocalSlurmCluster:
         return {"SLURM_CONF": str(self.slurm_conf)}
 
     @property
+    def jobs_see_config(self) -> bool:
+        """Whether srun inside a job finds this cluster (its config at the default path)."""
+        return self.conf_dir == Path("/etc/slurm")
+
+    @property
     def partitions(self) -> tuple[str, str]:
         return (self.cpu_partition, self.gpu_partition)
 
@@ -873,11 +878,12 @@ StorageLoc=slurm_acct_db
         return True
 
     def remove_configs(self) -> None:
-        """Delete the config files we wrote (only ours: they start with MARKER)."""
+        """Delete the config files this cluster wrote (MARKER and our state folder in them)."""
         for name in ("slurm.conf", "gres.conf", "cgroup.conf", "slurmdbd.conf"):
             path = self.conf_dir / name
             with contextlib.suppress(OSError):
-                if path.read_text().startswith(MARKER):
+                text = path.read_text()
+                if text.startswith(MARKER) and str(self.state_dir) in text:
                     path.unlink()
 
     def __enter__(self) -> LocalSlurmCluster:
@@ -985,7 +991,16 @@ if pytest is not None:
         if reason := unavailable_reason():
             yield SlurmUnavailable(reason)
             return
-        cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm"))
+        # Jobs that call srun inside their allocation (Snakemake's jobstep executor does) find
+        # the config where a real site keeps it: slurmd does not hand a private SLURM_CONF to
+        # the job. So use /etc/slurm unless someone else's config is there.
+        # Another session's cluster (a parallel pytest, the dev cluster) may own it: then this
+        # cluster keeps its config private and the tests that need srun in a job skip.
+        system = Path("/etc/slurm")
+        ours = not (system / "slurm.conf").exists()
+        cluster = LocalSlurmCluster(
+            tmp_path_factory.mktemp("slurm"), conf_dir=system if ours else None
+        )
         with pytest.MonkeyPatch.context() as mp:
             try:
                 cluster.start()
@@ -994,6 +1009,8 @@ if pytest is not None:
                 yield cluster
             finally:
                 cluster.stop()
+                if ours:
+                    cluster.remove_configs()  # else every later snakemake waits on scontrol
 
     @pytest.fixture(scope="session")
     def slurm_cluster(slurm_session: LocalSlurmCluster | SlurmUnavailable) -> LocalSlurmCluster:
