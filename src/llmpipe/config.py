@@ -37,7 +37,9 @@ def validate(config: dict, schema_path: str | Path) -> dict:
     """
     from jsonschema import Draft202012Validator
 
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    # libyaml's loader when built in: the schema is parsed on every planner start (~7x faster)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    schema = yaml.load(Path(schema_path).read_text(), Loader=loader)  # noqa: S506 (safe loader)
     _fill_defaults(config, schema)
     errors = sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path))
     if errors:

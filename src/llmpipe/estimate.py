@@ -715,6 +715,25 @@ class Assumptions:
     convert_in_flight    tensors the lazy converter holds materialized at once: 2.
     llama_cpp_ubatch     llama.cpp's physical batch (n_ubatch), sizes its compute buffer: 512.
     llama_cpp_overhead   llama.cpp's per-layer step overhead relative to eager PyTorch: 0.25.
+
+    Per-step process baselines of the CPU steps (None: the generic ``tool_host_mb`` or
+    ``framework_host_mb`` above, which is what ``DEFAULTS`` plans with). ``CALIBRATED`` below
+    sets them from measurements of the workflow's own jobs.
+    fetch_host_mb        download of a folder or hub snapshot (None: tool_host_mb).
+    dequantize_host_mb   download of a packaged GGUF: torch + transformers on the CPU, before
+                         any weight (None: framework_host_mb).
+    stage_host_mb        cache_to_shm's copying process, RAM disk excluded (None: tool_host_mb).
+    convert_host_mb      the converter process (torch CPU, numpy, gguf-py) before any tensor
+                         (None: framework_host_mb).
+    convert_tensor_bytes bytes per weight of the largest tensor the lazy converter holds at its
+                         peak (None: convert_in_flight x (source + f32 + output bytes)).
+    quantize_host_mb     Python with libllama loaded, before any tensor (None: tool_host_mb).
+    quantize_buffer_bytes bytes per weight of the largest tensor held by llama.cpp's buffers
+                         (None: 8, the f32 conversion and work buffers as allocated).
+    llama_cpp_cpu_host_mb an evaluation process with libllama on a CPU-only node, weights and
+                         buffers excluded (None: tool_host_mb).
+    torch_cpu_host_mb    an evaluation process with torch + transformers on a CPU-only node
+                         (no CUDA libraries), weights excluded (None: framework_host_mb).
     """
 
     runtime_margin: float = 1.5
@@ -735,9 +754,40 @@ class Assumptions:
     convert_in_flight: int = 2
     llama_cpp_ubatch: int = 512
     llama_cpp_overhead: float = 0.25
+    fetch_host_mb: int | None = None
+    dequantize_host_mb: int | None = None
+    stage_host_mb: int | None = None
+    convert_host_mb: int | None = None
+    convert_tensor_bytes: float | None = None
+    quantize_host_mb: int | None = None
+    quantize_buffer_bytes: float | None = None
+    llama_cpp_cpu_host_mb: int | None = None
+    torch_cpu_host_mb: int | None = None
 
 
 DEFAULTS = Assumptions()
+
+# The CPU steps calibrated on the workflow's own measurements (peak RSS sampled by
+# llmpipe.monitor plus the kernel's ru_maxrss, recorded as "measured" in every record; the
+# default run, SmolLM2-135M f16, 2-core VM, llama-cpp-python 0.3.36, torch 2.13 CPU):
+CALIBRATED = replace(
+    DEFAULTS,
+    # Every step runs as a Snakemake `script:`, whose preamble (unpickling the `snakemake`
+    # object) alone peaks at 126 MiB.
+    fetch_host_mb=245,  # + transformers' config table (imports torch): a `dir` download, 244
+    # A packaged GGUF's download measured 1291 MiB for SmolLM2 (134.5 M params): 878 of f32
+    # model + f16 copy + one f32 tensor in flight, ~410 for the process (+ model code, gguf).
+    dequantize_host_mb=400,
+    stage_host_mb=130,  # 126 + copy buffers; measured 130 MiB (+ the RAM-disk bytes)
+    convert_host_mb=370,  # 126 + 245 (the converter's own imports: torch CPU, numpy, gguf-py)
+    convert_tensor_bytes=4.0,  # f16 -> f16 is not cast through f32; measured 429-436 MiB in all
+    quantize_host_mb=145,  # 126 + 19 (libllama)
+    # llama.cpp allocates 8 B/weight but touches 4 (f32 conversion) + the output's bytes:
+    # measured 273 MiB (Q4_K_M) and 275 MiB (Q8_0) for a 28.3 M-weight largest tensor.
+    quantize_buffer_bytes=5.0,
+    llama_cpp_cpu_host_mb=145,  # 126 + 19 (libllama), as quantize
+    torch_cpu_host_mb=400,  # as the packaged download's process (torch + model code, CPU)
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -905,7 +955,7 @@ def _place(
             fits=fit.fits,
             disk_mb=math.ceil(disk / MIB),
             notes=tuple(notes),
-            detail=detail | {"runtime_s": seconds},
+            detail=detail | {"runtime_s": seconds, "host_peak_bytes": host_gpu_job},
         )
     peak = host_gpu_job + shardable + replicated
     usable = hw.mem_mb * MIB * (1 - a.gpu_headroom)
@@ -922,7 +972,7 @@ def _place(
         fits=fits,
         disk_mb=math.ceil(disk / MIB),
         notes=tuple(notes),
-        detail=detail | {"runtime_s": seconds},
+        detail=detail | {"runtime_s": seconds, "host_peak_bytes": peak},
     )
 
 
@@ -940,19 +990,44 @@ def _checkpoint_dtype(shape: ModelShape, dtype: str | None) -> str:
     return fmt
 
 
-def download(shape: ModelShape, *, dtype: str | None = None, a: Assumptions = DEFAULTS) -> Estimate:
+DOWNLOAD_SOURCES = ("hub", "dir", "package")
+
+
+def download(
+    shape: ModelShape,
+    *,
+    dtype: str | None = None,
+    source: str = "hub",
+    a: Assumptions = DEFAULTS,
+) -> Estimate:
     """Fetch the safetensors checkpoint (in ``dtype``, default the config's ``torch_dtype``)
-    and verify its manifest. Streams to disk: memory is a plain Python process."""
+    and verify its manifest. ``source`` ``hub``/``dir``: streams to disk (or links), memory is a
+    plain Python process. ``package``: a GGUF shipped in a Python package is dequantized with
+    transformers, which holds the model loaded in f32 and a fresh copy in ``dtype`` at once."""
+    if source not in DOWNLOAD_SOURCES:
+        raise ConfigError(
+            f"download source {source!r}: expected one of {', '.join(DOWNLOAD_SOURCES)}"
+        )
     dtype = _checkpoint_dtype(shape, dtype)
     size = weights_bytes(shape, dtype)
-    seconds = a.startup_s + size / _mb_s(a.net_mb_s) + size / _mb_s(a.hash_mb_s)
+    notes = [f"{size / GIB:.1f} GiB of {dtype} safetensors (only *.safetensors, not *.bin)"]
+    if source == "package":
+        base = a.dequantize_host_mb if a.dequantize_host_mb is not None else a.framework_host_mb
+        # the f32 model, its copy in ``dtype``, and one dequantized tensor in flight (f32)
+        peak = base * MIB + shape.n_params * 4 + size + shape.largest_tensor_params * 4
+        seconds = a.startup_s + shape.n_params / a.convert_rate + size / _mb_s(a.storage_mb_s)
+        notes.append(f"dequantized in memory: the f32 model and its {dtype} copy at once")
+    else:
+        base = a.fetch_host_mb if a.fetch_host_mb is not None else a.tool_host_mb
+        peak = base * MIB
+        seconds = a.startup_s + size / _mb_s(a.net_mb_s) + size / _mb_s(a.hash_mb_s)
     return Estimate(
         step="download",
-        mem_mb=_host_mb(a.tool_host_mb * MIB, a),
+        mem_mb=_host_mb(peak, a),
         runtime_min=_runtime_min(seconds, a),
         disk_mb=math.ceil(size / MIB),
-        notes=(f"{size / GIB:.1f} GiB of {dtype} safetensors (only *.safetensors, not *.bin)",),
-        detail={"checkpoint_bytes": size, "runtime_s": seconds},
+        notes=tuple(notes),
+        detail={"checkpoint_bytes": size, "runtime_s": seconds, "host_peak_bytes": peak},
     )
 
 
@@ -969,12 +1044,14 @@ def stage(shape: ModelShape, *, weights: str | None = None, a: Assumptions = DEF
     )
     size = weights_bytes(shape, fmt)
     seconds = a.startup_s + size / _mb_s(a.storage_mb_s) + size / _mb_s(a.hash_mb_s)
+    base = a.stage_host_mb if a.stage_host_mb is not None else a.tool_host_mb
+    peak = size + base * MIB
     return Estimate(
         step="stage",
-        mem_mb=_host_mb(size + a.tool_host_mb * MIB, a),
+        mem_mb=_host_mb(peak, a),
         runtime_min=_runtime_min(seconds, a),
         notes=(f"RAM disk holds {size / GIB:.1f} GiB ({fmt}), counted in the job's memory",),
-        detail={"shm_bytes": size, "runtime_s": seconds},
+        detail={"shm_bytes": size, "runtime_s": seconds, "host_peak_bytes": peak},
     )
 
 
@@ -1003,10 +1080,12 @@ def convert(
     src_bytes = weights_bytes(shape, src)
     out_bytes = gguf_bytes(shape, out)
     largest = shape.largest_tensor_params
-    tensor_peak = (
-        a.convert_in_flight * largest * (bytes_per_weight(src) + 4 + bytes_per_weight(out))
-    )
-    peak = a.framework_host_mb * MIB + tensor_peak + (src_bytes if staged else 0)
+    per_weight = a.convert_tensor_bytes
+    if per_weight is None:
+        per_weight = a.convert_in_flight * (bytes_per_weight(src) + 4 + bytes_per_weight(out))
+    tensor_peak = largest * per_weight
+    base = a.convert_host_mb if a.convert_host_mb is not None else a.framework_host_mb
+    peak = base * MIB + tensor_peak + (src_bytes if staged else 0)
     read_mb_s = a.shm_mb_s if staged else a.storage_mb_s
     seconds = (
         a.startup_s
@@ -1030,7 +1109,9 @@ def convert(
             "tensor_peak_bytes": tensor_peak,
             "gguf_bytes": out_bytes,
             "source_bytes": src_bytes,
+            "shm_bytes": src_bytes if staged else 0,
             "runtime_s": seconds,
+            "host_peak_bytes": peak,
         },
     )
 
@@ -1056,8 +1137,10 @@ def quantize(
     threads = threads or a.cpu_threads
     src_bytes = gguf_bytes(shape, source)
     out_bytes = gguf_bytes(shape, quant)
-    buffers = shape.largest_tensor_params * 8
-    peak = a.tool_host_mb * MIB + buffers + (src_bytes if staged else 0)
+    per_weight = a.quantize_buffer_bytes if a.quantize_buffer_bytes is not None else 8
+    buffers = shape.largest_tensor_params * per_weight
+    base = a.quantize_host_mb if a.quantize_host_mb is not None else a.tool_host_mb
+    peak = base * MIB + buffers + (src_bytes if staged else 0)
     rate = a.quantize_rate * threads * (0.1 if quant.startswith("IQ") else 1.0)
     read_mb_s = a.shm_mb_s if staged else a.storage_mb_s
     seconds = (
@@ -1075,7 +1158,13 @@ def quantize(
         runtime_min=_runtime_min(seconds, a),
         disk_mb=math.ceil(out_bytes / MIB),
         notes=tuple(notes),
-        detail={"buffer_bytes": buffers, "gguf_bytes": out_bytes, "runtime_s": seconds},
+        detail={
+            "buffer_bytes": buffers,
+            "gguf_bytes": out_bytes,
+            "shm_bytes": src_bytes if staged else 0,
+            "runtime_s": seconds,
+            "host_peak_bytes": peak,
+        },
     )
 
 
@@ -1184,9 +1273,10 @@ def evaluate_transformers(
         notes.append(f"{hw.name} has no bf16 tensor cores: bf16 runs near fp32 speed, prefer f16")
     if not hw.is_gpu and fmt == "f16":
         notes.append("f16 on CPU is often slower than f32 in PyTorch")
-    host_gpu_job = (
-        a.framework_host_mb * MIB + shape.largest_tensor_params * b + (weights if staged else 0)
-    )
+    base = a.framework_host_mb
+    if not hw.is_gpu and a.torch_cpu_host_mb is not None:
+        base = a.torch_cpu_host_mb
+    host_gpu_job = base * MIB + shape.largest_tensor_params * b + (weights if staged else 0)
     return _place(
         "evaluate-transformers",
         hw,
@@ -1260,7 +1350,12 @@ def evaluate_llama_cpp(
     ]
     if seq_len + new_tokens > shape.context:
         notes.append(f"prompt + new tokens exceed the model's context ({shape.context})")
-    host_gpu_job = a.tool_host_mb * MIB + (gguf if staged else 0)
+    base = a.tool_host_mb
+    if not hw.is_gpu and a.llama_cpp_cpu_host_mb is not None:
+        base = a.llama_cpp_cpu_host_mb
+    # On the CPU llama.cpp memory-maps the GGUF and computes from the mapping: a staged copy
+    # is the weights themselves, not a second copy. On a GPU the staged file stays on the host.
+    host_gpu_job = base * MIB + (gguf if staged and hw.is_gpu else 0)
     return _place(
         "evaluate-llama.cpp",
         hw,
@@ -1614,7 +1709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         shape = ModelShape.from_config(args.config)
         a = replace(
-            DEFAULTS,
+            CALIBRATED,  # what the workflow's rules request
             gpu_headroom=args.headroom,
             max_gpus=args.max_gpus,
             runtime_margin=args.safety_margin,

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from llmpipe import atomic, manifest, provenance
@@ -212,8 +213,19 @@ def hub_snapshot(
     return Path(path)
 
 
-def fetch_model(model_id: str, spec: dict, hf_dir: str, manifest_path: str, hub: dict) -> dict:
-    """Materialise ``spec`` (one entry of config models) as ``hf_dir`` and ``manifest_path``."""
+def fetch_model(
+    model_id: str,
+    spec: dict,
+    hf_dir: str,
+    manifest_path: str,
+    hub: dict,
+    extra: Callable[[dict], dict] | None = None,
+) -> dict:
+    """Materialise ``spec`` (one entry of config models) as ``hf_dir`` and ``manifest_path``.
+
+    ``extra(record)``, called just before the manifest is written, returns keys merged into it
+    (the job's predicted and measured resources).
+    """
     hf_dir, manifest_path = Path(hf_dir), Path(manifest_path)
     kind = spec["source"]
     allow_pickle = spec.get("allow_pickle", False)
@@ -256,5 +268,7 @@ def fetch_model(model_id: str, spec: dict, hf_dir: str, manifest_path: str, hub:
         "seconds": round(time.perf_counter() - start, 3),
         "provenance": provenance.collect(),
     }
+    if extra is not None:
+        record.update(extra(record))
     atomic.write_json(manifest_path, record)
     return record

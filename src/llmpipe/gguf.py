@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from llmpipe import atomic, provenance
@@ -82,8 +83,12 @@ def convert_hf_to_gguf(
     outtype: str,
     record_path: str | os.PathLike,
     source_record: dict | None = None,
+    extra: Callable[[dict], dict] | None = None,
 ) -> dict:
-    """Convert an HF folder to ``out_gguf`` with the official converter; write a record."""
+    """Convert an HF folder to ``out_gguf`` with the official converter; write a record.
+
+    ``extra(record)``, called just before the record is written, returns keys merged into it.
+    """
     script = converter_script()
     start = time.perf_counter()
     with atomic.atomic_path(out_gguf) as tmp:
@@ -112,6 +117,8 @@ def convert_hf_to_gguf(
         "staged_input": source_record,
         "provenance": provenance.collect(),
     }
+    if extra is not None:
+        record.update(extra(record))
     atomic.write_json(record_path, record)
     return record
 
@@ -163,8 +170,12 @@ def quantize_gguf(
     quant: str,
     threads: int,
     record_path: str | os.PathLike,
+    extra: Callable[[dict], dict] | None = None,
 ) -> dict:
-    """Quantize ``src_gguf`` to ``quant`` in-process; write the GGUF atomically and a record."""
+    """Quantize ``src_gguf`` to ``quant`` in-process; write the GGUF atomically and a record.
+
+    ``extra(record)``, called just before the record is written, returns keys merged into it.
+    """
     import llama_cpp
 
     src_info = gguf_info(src_gguf)  # refuse a truncated input before spending minutes on it
@@ -200,5 +211,7 @@ def quantize_gguf(
         "compression_ratio": round(src_info["size_bytes"] / info["size_bytes"], 4),
         "provenance": provenance.collect(),
     }
+    if extra is not None:
+        record.update(extra(record))
     atomic.write_json(record_path, record)
     return record

@@ -53,6 +53,13 @@ class ResourceMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop sampling (idempotent): one last sample, and ``wall_s`` is fixed. Lets a step
+        put its final peaks into the record it writes before the ``with`` block ends."""
+        if self._stop.is_set() or not self._thread.is_alive():
+            return
         self._stop.set()
         self._thread.join()
         self._sample()

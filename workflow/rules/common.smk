@@ -3,6 +3,7 @@
 import os
 import re
 import sys
+import types
 
 SRC = os.path.join(workflow.basedir, "src")
 if SRC not in sys.path:
@@ -13,11 +14,18 @@ if SRC not in _paths:
     os.environ.update(PYTHONPATH=os.pathsep.join([SRC, *_paths]))
 
 from llmpipe import config as cfg  # noqa: E402
+from llmpipe import resources as res  # noqa: E402
+from llmpipe.finetune import settings as ft  # noqa: E402
 
 cfg.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 cfg.check(config)
+ft.check(config)
 
-MODELS = cfg.model_ids(config)
+# Base models are downloaded; a tuned model (<base>-ft, finetune.enabled_for) comes from the
+# finetune stage. Both kinds go through convert_to_gguf, quantize and evaluate.
+BASE_MODELS = cfg.model_ids(config)
+TUNED_MODELS = ft.tuned_models(config)
+MODELS = BASE_MODELS + TUNED_MODELS
 REFERENCE = cfg.reference_variant(config)
 QUANTS = cfg.quant_types(config)
 
@@ -43,31 +51,396 @@ def get_final_outputs():
         for variant in [REFERENCE, *QUANTS]:
             outputs.append(f"results/gguf/{model}/{model}-{variant}.gguf")
             outputs.append(f"results/gguf/{model}/{model}-{variant}.json")
+    outputs.extend(get_eval_outputs())
+    outputs.extend(get_finetune_outputs())
+    outputs.extend(STATS_OUTPUTS)
     return outputs
 
 
-def get_manifest_bytes(input):
-    """Size of the model folder from its manifest (0 before it exists, e.g. in a dry run)."""
+# ---- Resources ---------------------------------------------------------------------------
+# mem_mb, runtime and GPU count of every job come from the estimator (llmpipe.resources ->
+# llmpipe.estimate; standard library only), evaluated per job when it is ready to run, from the
+# model's downloaded config.json (a `dir` model's own before its download). Memory is the
+# predicted peak x 1.25 (RAM-disk bytes included), runtime x 1.5; a retried job (profile
+# `retries:`) gets `attempt` times both. Before a config.json exists (a dry run on a fresh
+# folder) a conservative fallback for a 7B model is shown: llmpipe.resources.FALLBACK.
+#
+# For any rule:  mem_mb=get_mem_mb(STEP, **options), runtime=get_runtime(STEP, **options),
+# and for GPU rules the count: get_gpus(STEP, **options).
+# STEP: download, cache_to_shm, convert_to_gguf, quantize, evaluate_llama_cpp,
+# evaluate_transformers, finetune. Options are keyword arguments of the estimator function
+# (llmpipe.estimate.download/stage/convert/quantize/evaluate_llama_cpp/evaluate_transformers/
+# finetune); a value may be a function of the wildcards; hw="cpu" or "v100"; `threads` is the
+# rule's own. E.g. get_mem_mb("evaluate_llama_cpp", quant=get_variant, hw="cpu"),
+# get_mem_mb("finetune", method="lora", hw="v100", steps=100). The job's script records the same
+# prediction next to what it measured: llmpipe.resources.Usage.
+
+
+def get_resource_plan(step, wildcards, threads, attempt, options):
+    """The estimator's prediction and request for one job (llmpipe.resources.Plan)."""
+    opts = {k: v(wildcards) if callable(v) else v for k, v in options.items()}
+    if step == "download":
+        spec = config["models"][wildcards.model]
+        opts = {**res.download_options(spec), **opts}
+        config_json = res.download_config(spec, wildcards.model)
+    else:
+        config_json = res.model_config(wildcards.model, MODELS)
+    opts.setdefault("threads", threads)
+    return res.request(step, config_json, attempt, **opts)
+
+
+def get_mem_mb(step, **options):
+    """Resources callable: host memory (MiB) of a `step` job, RAM-disk bytes included."""
+
+    def mem_mb(wildcards, input, threads, attempt):
+        return get_resource_plan(step, wildcards, threads, attempt, options).mem_mb
+
+    return mem_mb
+
+
+def get_runtime(step, **options):
+    """Resources callable: wall-clock minutes of a `step` job."""
+
+    def runtime(wildcards, input, threads, attempt):
+        return get_resource_plan(step, wildcards, threads, attempt, options).runtime_min
+
+    return runtime
+
+
+def get_gpus(step, **options):
+    """Resources callable: GPUs a `step` job needs (0 on the CPU)."""
+
+    def gpus(wildcards, input, threads, attempt):
+        return get_resource_plan(step, wildcards, threads, 1, options).gpus
+
+    return gpus
+
+
+def get_quant(wildcards):
+    return wildcards.quant
+
+
+# ---- Evaluation (workflow/rules/evaluate.smk) --------------------------------------------
+# Variants per backend: llama.cpp evaluates the reference GGUF and every quantization, the
+# transformers backend the Hugging Face folder ("hf"). A stage that adds models to evaluate
+# (fine-tuning) extends EVAL_VARIANTS and get_eval_model. The first variant of each backend
+# is the quality reference of that backend (F16 GGUF; HF folder).
+EVAL = config["evaluate"]
+EVAL_BACKENDS = list(EVAL["backends"])
+EVAL_VARIANTS = {"llama.cpp": [REFERENCE, *QUANTS], "transformers": ["hf"]}
+EVAL_SECTION = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
+EVAL_PROMPTS = len(cfg.read_prompts(config["prompts"]))
+
+
+wildcard_constraints:
+    backend="|".join(map(re.escape, EVAL_SECTION)),
+    variant="|".join(map(re.escape, {v for vs in EVAL_VARIANTS.values() for v in vs})),
+
+
+def get_eval_outputs():
+    """The eval JSONs and texts of every model x backend x variant (+ the sweep tables)."""
+    outputs = []
+    for model in MODELS:
+        for backend in EVAL_BACKENDS:
+            for variant in EVAL_VARIANTS[backend]:
+                outputs.append(f"results/eval/{model}/{variant}-{backend}.json")
+                outputs.append(f"results/eval/{model}/{variant}-{backend}.texts.jsonl")
+        if EVAL["sweep"]["enabled"] and "llama.cpp" in EVAL_BACKENDS:
+            outputs.append(f"results/eval/{model}/sweep-llama.cpp.tsv")
+    return outputs
+
+
+def get_eval_reference(backend):
+    return EVAL_VARIANTS[backend][0]
+
+
+def get_eval_model(wildcards):
+    """The model files an evaluation job loads (named inputs; `hf` sizes the FLOPs)."""
+    model, variant = wildcards.model, getattr(wildcards, "variant", None)
+    if variant is None:
+        variant = get_eval_reference(wildcards.backend)
+    hf = f"results/models/{model}/hf"
+    if wildcards.backend == "transformers":
+        return {
+            "model": hf,
+            "manifest": f"results/models/{model}/manifest.json",
+            "staged": f"results/staged/{model}/stage.json",
+            "hf": hf,
+        }
+    return {
+        "model": f"results/gguf/{model}/{model}-{variant}.gguf",
+        "record": f"results/gguf/{model}/{model}-{variant}.json",
+        "hf": hf,
+    }
+
+
+def get_eval_quality(wildcards):
+    """The reference's quality is its own perplexity (KLD 0); others are compared with it."""
+    m, v, b = wildcards.model, wildcards.variant, wildcards.backend
+    if v == get_eval_reference(b):
+        return f"results/eval/{m}/reference-{b}.json"
+    return f"results/eval/{m}/quality/{v}-{b}.json"
+
+
+def get_eval_settings(wildcards):
+    return EVAL[EVAL_SECTION[wildcards.backend]]
+
+
+def is_eval_on_gpu(backend):
+    if backend == "llama.cpp":
+        return EVAL["llama_cpp"]["n_gpu_layers"] != 0
+    return EVAL["transformers"]["device"] == "cuda"
+
+
+def get_eval_probe(wildcards):
+    """The CPU bandwidth probe, for jobs that run on the CPU (GPUs use the config table)."""
+    return (
+        []
+        if is_eval_on_gpu(wildcards.backend)
+        else ["results/eval/bandwidth/probe.json"]
+    )
+
+
+def get_eval_bandwidth(wildcards, input):
+    return {
+        "probe": input.probe[0] if input.probe else None,
+        "cache_dir": "results/eval/bandwidth",
+        "table": EVAL["peak_bandwidth_gb_s"],
+        **EVAL["bandwidth_probe"],
+    }
+
+
+def get_sweep_ggufs(wildcards):
+    m = wildcards.model
+    return {v: f"results/gguf/{m}/{m}-{v}.gguf" for v in EVAL_VARIANTS["llama.cpp"]}
+
+
+def get_eval_chunks():
+    """Perplexity chunks (from the text's size, ~4 bytes per token, before it is tokenized)."""
+    n_ctx, chunks = EVAL["perplexity"]["n_ctx"], EVAL["perplexity"]["chunks"]
+    try:
+        approx = max(1, os.path.getsize(EVAL["text"]) // 4 // n_ctx)
+    except OSError:
+        approx = 1
+    return min(chunks, approx) if chunks else approx
+
+
+def get_eval_estimate(wildcards, kind):
+    """Estimator step and options of an evaluation job: kind is shard, reference or quality."""
+    backend = wildcards.backend
+    gpu = is_eval_on_gpu(backend)
+    ppl = kind != "shard"
+    opts = {
+        "hw": "v100" if gpu else "cpu",
+        "staged": True,
+        "samples": (
+            get_eval_chunks() if ppl else -(-EVAL_PROMPTS // config["farm"]["shards"])
+        ),
+        "new_tokens": 1 if ppl else EVAL["sampling"]["max_new_tokens"],
+    }
+    if backend == "llama.cpp":
+        variant = getattr(wildcards, "variant", get_eval_reference(backend))
+        seq = EVAL["perplexity"]["n_ctx"] if ppl else EVAL["llama_cpp"]["n_ctx"]
+        opts.update(quant=variant, kv_type=EVAL["llama_cpp"]["kv_type"], seq_len=seq)
+        return "evaluate_llama_cpp", opts
+    dtype = EVAL["transformers"]["dtype"]
+    if dtype == "auto":
+        dtype = "float16" if gpu else "float32"
+    opts.update(dtype=dtype, batch=1 if ppl else EVAL["transformers"]["batch_size"])
+    if ppl:
+        opts["seq_len"] = EVAL["perplexity"]["n_ctx"]
+    return "evaluate_transformers", opts
+
+
+def get_eval_mem_mb(kind):
+    def mem_mb(wildcards, input, threads, attempt):
+        step, opts = get_eval_estimate(wildcards, kind)
+        return get_resource_plan(step, wildcards, threads, attempt, opts).mem_mb
+
+    return mem_mb
+
+
+def get_eval_runtime(kind):
+    def runtime(wildcards, input, threads, attempt):
+        step, opts = get_eval_estimate(wildcards, kind)
+        return get_resource_plan(step, wildcards, threads, attempt, opts).runtime_min
+
+    return runtime
+
+
+def get_eval_gpus(kind):
+    def gpus(wildcards, input, threads, attempt):
+        if not is_eval_on_gpu(wildcards.backend):
+            return 0
+        step, opts = get_eval_estimate(wildcards, kind)
+        return max(1, get_resource_plan(step, wildcards, threads, 1, opts).gpus)
+
+    return gpus
+
+
+# ---- Statistics (workflow/rules/report.smk) ------------------------------------------------
+STATS_OUTPUTS = ["results/stats/summary.csv", "results/stats/summary.md"]
+STATS_EVAL_JSON = re.compile(
+    r"results/eval/([^/]+)/(.+)-(llama\.cpp|transformers)\.json"
+)
+
+
+def get_stats_eval_jsons(wildcards):
+    """Every expected eval JSON (model x variant x backend): the evaluate stage's own list, so
+    the summary has exactly one row per expected combination."""
+    return [p for p in get_eval_outputs() if STATS_EVAL_JSON.fullmatch(p)]
+
+
+def get_stats_records(wildcards):
+    """The records of the jobs that measured their resources (download, cache_to_shm,
+    convert_to_gguf, quantize, finetune), for every model and every evaluated GGUF variant.
+    A record without a prediction (a tuned model's manifest from merge_lora) is skipped.
+    """
+    records = []
+    for model in MODELS:
+        records.append(f"results/models/{model}/manifest.json")
+        records.append(f"results/staged/{model}/stage.json")
+        for variant in [REFERENCE, *QUANTS]:
+            records.append(f"results/gguf/{model}/{model}-{variant}.json")
+    for path in get_stats_eval_jsons(wildcards):
+        model, variant, backend = STATS_EVAL_JSON.fullmatch(path).groups()
+        if backend == "llama.cpp":
+            records.append(f"results/gguf/{model}/{model}-{variant}.json")
+    finetune_outputs = globals().get("get_finetune_outputs")
+    # the finetune jobs' metrics carry their resources too
+    if finetune_outputs is not None:
+        names = [os.path.basename(p) for p in finetune_outputs()]
+        records += [p for p, n in zip(finetune_outputs(), names) if n == "metrics.json"]
+    return list(dict.fromkeys(records))
+
+
+def get_stats_loss_csvs(wildcards):
+    """Fine-tuning loss curves, where a fine-tune stage is configured (else none)."""
+    finetune_outputs = globals().get("get_finetune_outputs")
+    if finetune_outputs is None:
+        return []
+    return [p for p in finetune_outputs() if os.path.basename(p) == "loss.csv"]
+
+
+def get_stats_loss_map(wildcards):
+    """{model: loss.csv} (results/finetune/{model}/loss.csv)."""
+    return {p.split("/")[2]: p for p in get_stats_loss_csvs(wildcards)}
+
+
+def get_stats_eval_estimates(wildcards):
+    """{eval JSON: [estimator step, options]} as the evaluation shards' resources use them, so
+    the summary's predicted memory is the prediction those jobs were given."""
+    out = {}
+    get_estimate = globals().get("get_eval_estimate")
+    for path in get_stats_eval_jsons(wildcards) if get_estimate else []:
+        model, variant, backend = STATS_EVAL_JSON.fullmatch(path).groups()
+        wc = types.SimpleNamespace(model=model, variant=variant, backend=backend)
+        step, options = get_estimate(wc, "shard")
+        out[path] = [step, options]
+    return out
+
+
+# ---- Fine-tuning (workflow/rules/finetune.smk) ---------------------------------------------
+# finetune.enabled_for lists base models; each one's settings are finetune.defaults overridden
+# by finetune.models.<base> (llmpipe.finetune.settings). Rules pass each step only the keys it
+# uses, so e.g. a new comparison batch size reruns the comparison, not the training.
+FINETUNE_BASES = ft.base_models(config)
+FINETUNE_BASE_REGEX = ft.id_regex(FINETUNE_BASES)
+BASE_MODEL_REGEX = ft.id_regex(BASE_MODELS)
+
+
+def get_finetune_settings(wildcards):
+    return ft.resolve(config, wildcards.model)
+
+
+def get_finetune_params(group):
+    """Params callable: the settings of one step (data, train, merge or compare)."""
+
+    def params(wildcards):
+        return get_finetune_settings(wildcards).group(group)
+
+    return params
+
+
+def get_finetune_data_files(wildcards):
+    """The user's data files, when the model has them (none for the built-in task)."""
+    s = get_finetune_settings(wildcards)
+    files = {"train_file": s.train_file, "heldout_file": s.heldout_file}
+    return {k: v for k, v in files.items() if v is not None}
+
+
+def get_finetune_outputs():
+    """Adapter, loss curve, metrics, base-vs-tuned table (+ GGUF adapter) per tuned model."""
+    outputs = []
+    for model in FINETUNE_BASES:
+        outputs += [
+            f"results/finetune/{model}/adapter",
+            f"results/finetune/{model}/loss.csv",
+            f"results/finetune/{model}/loss.png",
+            f"results/finetune/{model}/metrics.json",
+            f"results/finetune/{model}/comparison.csv",
+            f"results/finetune/{model}/comparison.md",
+        ]
+        if ft.resolve(config, model).adapter_gguf:
+            outputs.append(f"results/finetune/{model}/adapter-F16.gguf")
+    return outputs
+
+
+def get_finetune_plan(wildcards, input, threads, attempt):
+    """The estimator's prediction for a finetune job (llmpipe.estimate.finetune)."""
+    s = get_finetune_settings(wildcards)
+    examples = ft.count_lines(input.train, s.task_train_examples)
+    opts = ft.estimate_options(s, examples)
+    return get_resource_plan("finetune", wildcards, threads, attempt, opts)
+
+
+def get_finetune_mem_mb(wildcards, input, threads, attempt):
+    """Host memory of one node: the estimate for one process x the processes per node."""
+    s = get_finetune_settings(wildcards)
+    return get_finetune_plan(wildcards, input, threads, attempt).mem_mb * s.gpus_per_node
+
+
+def get_finetune_runtime(wildcards, input, threads, attempt):
+    return get_finetune_plan(wildcards, input, threads, attempt).runtime_min
+
+
+def get_finetune_gpus(wildcards):
+    """GPUs per node: the configured processes per node where training runs on CUDA."""
+    s = get_finetune_settings(wildcards)
+    return s.gpus_per_node if s.wants_cuda else 0
+
+
+def get_finetune_nodes(wildcards):
+    return get_finetune_settings(wildcards).nodes
+
+
+def get_hf_mb(input, name="manifest"):
+    """Size (MB) of a model folder from its manifest (0 before it exists: a dry run)."""
     import json
 
     try:
-        with open(input.manifest) as fh:
-            return json.load(fh)["total_bytes"]
+        with open(getattr(input, name)) as fh:
+            return json.load(fh)["total_bytes"] / 1e6
     except (OSError, AttributeError, KeyError, ValueError):
         return 0
 
 
-def get_stage_mem_mb(wildcards, input, attempt):
-    """RAM-disk bytes count against the job's memory: the copy plus a working margin."""
-    return int(get_manifest_bytes(input) / 1e6 * 1.1 + 1000 * attempt)
+def get_merge_mem_mb(wildcards, input, attempt):
+    """The base in its dtype, the merge's fp32 deltas one matrix at a time, plus Python."""
+    return int((get_hf_mb(input) * 1.5 + 3000) * attempt)
 
 
-def get_convert_mem_mb(wildcards, input, attempt):
-    """The converter is lazy (tensor by tensor) but holds the largest tensors: ~1x model + 2 GB."""
-    return int(get_manifest_bytes(input) / 1e6 + 2000 * attempt)
+def get_compare_mem_mb(wildcards, input, attempt):
+    """One model at a time, in fp32 on the CPU (2x an f16 folder), plus generation buffers."""
+    import json
+
+    try:
+        with open(os.path.join(str(input.base), "..", "manifest.json")) as fh:
+            mb = json.load(fh)["total_bytes"] / 1e6
+    except (OSError, KeyError, ValueError):
+        mb = 0
+    return int((mb * 2.5 + 3000) * attempt)
 
 
-def get_quantize_mem_mb(wildcards, input, attempt):
-    """llama_model_quantize keeps the source mmapped and a few tensors in flight."""
-    size = os.path.getsize(input.gguf) if os.path.exists(input.gguf) else 0
-    return int(size / 1e6 * 0.5 + 1000 * attempt)
+def get_compare_gpus(wildcards):
+    return 1 if get_finetune_settings(wildcards).device == "cuda" else 0

@@ -6,13 +6,16 @@ rule download:
         "logs/download/{model}.log",
     benchmark:
         "benchmarks/download/{model}.tsv"
+    # Base models only: a tuned model's folder (<model>-ft) comes from merge_lora.
+    wildcard_constraints:
+        model=BASE_MODEL_REGEX,
     # Compute nodes of many clusters have no internet: fetch from the submit host.
     localrule: True
     conda:
         "../envs/llmpipe.yaml"
     resources:
-        mem_mb=4000,
-        runtime=120,
+        mem_mb=get_mem_mb("download"),
+        runtime=get_runtime("download"),
     params:
         spec=get_model_spec,
         hub=config["hub"],
@@ -30,11 +33,14 @@ rule cache_to_shm:
         "logs/cache_to_shm/{model}.log",
     benchmark:
         "benchmarks/cache_to_shm/{model}.tsv"
+    # One Slurm allocation for staging and its consumer: a per-job RAM disk survives between them.
+    group:
+        "model_io"
     conda:
         "../envs/llmpipe.yaml"
     resources:
-        mem_mb=get_stage_mem_mb,
-        runtime=30,
+        mem_mb=get_mem_mb("cache_to_shm"),
+        runtime=get_runtime("cache_to_shm"),
     params:
         root=config["stage"]["root"],
         verify=config["stage"]["verify"],

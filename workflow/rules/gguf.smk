@@ -12,12 +12,14 @@ rule convert_to_gguf:
         "benchmarks/convert_to_gguf/{model}-{reference}.tsv"
     wildcard_constraints:
         reference=REFERENCE,
+    group:
+        "model_io"
     conda:
         "../envs/llmpipe.yaml"
     threads: 2
     resources:
-        mem_mb=get_convert_mem_mb,
-        runtime=60,
+        mem_mb=get_mem_mb("convert_to_gguf", outtype=config["convert"]["outtype"]),
+        runtime=get_runtime("convert_to_gguf", outtype=config["convert"]["outtype"]),
     params:
         outtype=config["convert"]["outtype"],
         root=config["stage"]["root"],
@@ -41,8 +43,8 @@ rule quantize:
         "../envs/llmpipe.yaml"
     threads: 2
     resources:
-        mem_mb=get_quantize_mem_mb,
-        runtime=60,
+        mem_mb=get_mem_mb("quantize", quant=get_quant, source=REFERENCE),
+        runtime=get_runtime("quantize", quant=get_quant, source=REFERENCE),
     params:
         quant="{quant}",
     script:

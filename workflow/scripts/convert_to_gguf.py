@@ -1,9 +1,13 @@
 from llmpipe import manifest
 from llmpipe.gguf import convert_hf_to_gguf
+from llmpipe.resources import Usage
 from llmpipe.script import logged
 from llmpipe.stage import read_source
 
-with logged(snakemake.log[0], snakemake.rule):
+with (
+    logged(snakemake.log[0], snakemake.rule),
+    Usage.of_job(snakemake, outtype=snakemake.params.outtype) as usage,
+):
     # Read the model from this node's RAM-disk copy (re-staged here if this job cannot see it).
     hf_dir, staged = read_source(
         snakemake.input.hf,
@@ -19,4 +23,5 @@ with logged(snakemake.log[0], snakemake.rule):
         outtype=snakemake.params.outtype,
         record_path=snakemake.output.record,
         source_record=staged,
+        extra=usage.fields,
     )

@@ -1,0 +1,420 @@
+"""evaluate's benchmarks, each a ratio measured in one run (side by side, same machine state).
+
+    bench/build_llama_tools.sh          # llama-bench, llama-perplexity from the pinned sources
+    .venv/bin/python bench/bench_evaluate.py [--run WORKDIR] [--parts seed,roofline,bench,ppl]
+
+WORKDIR is a finished default run (its results/models/smollm2/hf and results/gguf/smollm2/*);
+default: the current directory. Parts (all by default):
+
+- ``seed``: the seed recipe's loop (model moved to the device and one prompt generated per
+  iteration, do_sample=True) vs our transformers evaluate, same HF model, the 10 prompts,
+  max_new_tokens 100, the same sampling (temperature 1, top-k 50: transformers' defaults).
+  Ratio of generated tokens/s (generation time; both load the model once). Goal >= 8.
+- ``roofline``: our llama.cpp evaluate's decode ``achieved_gb_s`` / the bandwidth probe, on a
+  random-init Llama-shaped model of ~1.2 B parameters (made once under .deps/bench/, converted
+  to F16 and Q8_0 GGUFs with the workflow's own code), where decode is memory-bound; and on
+  SmolLM2 (overhead-bound). The probe runs right before and after; the ratio uses the larger.
+  Goal >= 0.7 on the 1 B model.
+- ``bench``: our llama.cpp evaluate decode tok/s / ``llama-bench`` tg128 on the same GGUF and
+  threads (llama-bench runs before and after ours; the ratio uses their mean). Goal >= 0.98.
+- ``ppl``: our perplexity, KL-divergence, same-top-token and PPL ratio vs ``llama-perplexity
+  --kl-divergence`` on the same GGUFs, text, n_ctx and chunks; agreement is judged against the
+  tool's own +/- uncertainty. Our base file is also fed to llama-perplexity (format check).
+
+Runs take minutes on 2 cores; on a shared machine run it when it is quiet and read the figures
+as one sample (the probe shows the bandwidth the run actually had).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from llmpipe import manifest  # noqa: E402
+from llmpipe.config import read_prompts  # noqa: E402
+from llmpipe.evaluation import bandwidth, jobs  # noqa: E402
+
+TOOLS = Path(os.environ.get("LLMPIPE_LLAMA_TOOLS_BUILD", REPO / ".deps/llama.cpp-build")) / "bin"
+BENCH_DIR = REPO / ".deps" / "bench"
+PROMPTS = REPO / "config" / "prompts.txt"
+TEXT = REPO / "config" / "eval" / "gpl-3.0.txt"
+ROWS: list[tuple[str, str, str, str]] = []  # (benchmark, ours, theirs, ratio / verdict)
+
+
+def say(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def row(name: str, ours: str, theirs: str, verdict: str) -> None:
+    ROWS.append((name, ours, theirs, verdict))
+    say(f"  -> {name}: {ours} vs {theirs}: {verdict}")
+
+
+# ---- shared: run our workflow code on a model ------------------------------------------------
+
+
+def our_shard(
+    backend: str,
+    source: Path,
+    hf_dir: Path,
+    prompts: list[str],
+    sampling: dict,
+    settings: dict,
+    threads: int,
+    tmp: Path,
+    probe: Path | None = None,
+) -> dict:
+    """One evaluate_shard job, exactly as the workflow runs it (staging included)."""
+    shard = tmp / "shard.json"
+    shard.write_text(json.dumps({"prompts": [[i, p] for i, p in enumerate(prompts)]}))
+    if backend == "llama.cpp":
+        record = {"size_bytes": source.stat().st_size}
+        mf = jobs.gguf_manifest(source, record)
+    else:
+        mf = manifest.build(source, hash_files=False)
+    return jobs.run_shard(
+        backend=backend,
+        model_id="bench",
+        variant=source.stem,
+        source=str(source),
+        manifest=mf,
+        stage={"root": "/dev/shm", "verify": "size", "reserve_gb": 1},  # noqa: S108
+        hf_config=str(hf_dir / "config.json"),
+        shard=str(shard),
+        sampling=sampling,
+        settings=settings,
+        threads=threads,
+        bw={"probe": str(probe) if probe else None, "cache_dir": str(tmp / "bw"), "table": {}},
+        out=str(tmp / f"{backend}-{source.stem}.json"),
+    )
+
+
+# ---- seed loop vs ours -----------------------------------------------------------------------
+
+
+def seed_loop(hf_dir: Path, prompts: list[str], max_new_tokens: int) -> tuple[int, float]:
+    """The guide's loop, as written (return_tensors added: without it the loop cannot run)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float16 if device == "cuda" else torch.float32
+    )
+    generated = 0
+    start = time.perf_counter()
+    for prompt in prompts:
+        inputs = tokenizer([prompt], return_tensors="pt").to(device)
+        model.to(device)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True)
+        generated += out.shape[1] - inputs["input_ids"].shape[1]
+    return generated, time.perf_counter() - start
+
+
+def part_seed(run: Path, threads: int, tmp: Path) -> None:
+    say("== seed loop vs our transformers evaluate")
+    hf = run / "results/models/smollm2/hf"
+    prompts = read_prompts(PROMPTS)
+    # Separate processes: torch's thread pool and caches start equal for both. The seed loop
+    # runs as written (torch's default threads), then with the thread count ours settled on,
+    # which isolates what batching and the decode loop give from the choice of threads.
+    load = os.getloadavg()[0]
+    seed = _in_subprocess("seed", hf, 0)
+    ours = _in_subprocess("ours", hf, threads)
+    used = ours["threads_used"]
+    same = _in_subprocess("seed", hf, used)
+    ours_rate = ours["tokens"] / ours["seconds"]
+    say(f"  load average {load:.1f}; seed {seed}; ours {ours}; seed at {used} threads {same}")
+    for label, ref in (("as written", seed), (f"at {used} thread(s), as ours", same)):
+        rate = ref["tokens"] / ref["seconds"]
+        row(
+            f"transformers tok/s, ours / seed loop {label} ({len(prompts)} prompts, 100 new)",
+            f"{ours_rate:.1f} tok/s",
+            f"{rate:.1f} tok/s ({ref['threads']} thr)",
+            f"{ours_rate / rate:.2f}x (goal >= 8)",
+        )
+
+
+def _in_subprocess(which: str, hf: Path, threads: int) -> dict:
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
+        f"import bench_evaluate as b; print(json.dumps(b.child_{which}({str(hf)!r}, {threads})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_seed(hf: str, threads: int) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokens, seconds = seed_loop(Path(hf), read_prompts(PROMPTS), 100)
+    return {"tokens": tokens, "seconds": seconds, "threads": torch.get_num_threads()}
+
+
+def child_ours(hf: str, threads: int) -> dict:
+    sampling = {"max_new_tokens": 100, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = our_shard(
+            "transformers",
+            Path(hf),
+            Path(hf),
+            read_prompts(PROMPTS),
+            sampling,
+            {"device": "auto", "dtype": "auto", "batch_size": 16},
+            threads,
+            Path(tmp),
+        )
+    return {
+        "tokens": rec["generated_tokens"],
+        "seconds": rec["generate_s"],
+        "threads_used": rec["settings"]["threads_used"],
+        "threads": rec["settings"]["threads_used"],
+    }
+
+
+# ---- roofline --------------------------------------------------------------------------------
+
+
+def big_model(run: Path) -> tuple[Path, dict[str, Path]]:
+    """A random-init Llama of ~1.2 B parameters (TinyLlama's shape, SmolLM2's tokenizer from
+    the run), made once: HF folder + F16 and Q8_0 GGUFs under .deps/bench/."""
+    import shutil
+
+    hf = BENCH_DIR / "llama-1b-hf"
+    ggufs = {v: BENCH_DIR / f"llama-1b-{v}.gguf" for v in ("F16", "Q8_0")}
+    if not (hf / "config.json").is_file():
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        say("  making a random-init 1.2 B Llama (once)")
+        tok_src = run / "results/models/smollm2/hf"
+        config = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM._from_config(config, dtype=torch.float16)
+        tmp = hf.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tok_src).save_pretrained(tmp)
+        del model
+        tmp.rename(hf)
+    from llmpipe.gguf import convert_hf_to_gguf, quantize_gguf
+
+    if not ggufs["F16"].is_file():
+        say("  converting to F16 GGUF (once)")
+        convert_hf_to_gguf(hf, ggufs["F16"], "f16", BENCH_DIR / "llama-1b-F16.json")
+    if not ggufs["Q8_0"].is_file():
+        say("  quantizing to Q8_0 (once)")
+        quantize_gguf(ggufs["F16"], ggufs["Q8_0"], "Q8_0", 2, BENCH_DIR / "llama-1b-Q8_0.json")
+    return hf, ggufs
+
+
+def part_roofline(run: Path, threads: int, tmp: Path) -> None:
+    say("== llama.cpp decode achieved GB/s vs the bandwidth probe")
+    hf1b, ggufs = big_model(run)
+    cases = [("1.2B random " + v, p, hf1b) for v, p in ggufs.items()]
+    small_hf = run / "results/models/smollm2/hf"
+    cases.append(("SmolLM2 F16", run / "results/gguf/smollm2/smollm2-F16.gguf", small_hf))
+    prompts = read_prompts(PROMPTS)[:3]
+    sampling = {"max_new_tokens": 48, "temperature": 0.0}
+    for name, gguf, hf in cases:
+        before = bandwidth.probe(threads)
+        probe = tmp / "probe.json"
+        probe.write_text(json.dumps(before))
+        rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, {}, threads, tmp, probe)
+        after = bandwidth.probe(threads)
+        peak = max(before["gb_s"], after["gb_s"])
+        ratio = rec["achieved_gb_s"] / peak
+        say(
+            f"  {name}: decode {rec['decode_tokens'] / rec['decode_s']:.1f} tok/s, "
+            f"{rec['bytes_per_token'] / 1e9:.3f} GB/token, probe {before['gb_s']} / "
+            f"{after['gb_s']} GB/s"
+        )
+        goal = " (goal >= 0.7)" if "1.2B" in name else " (overhead-bound)"
+        row(
+            f"llama.cpp decode GB/s / probe, {name}",
+            f"{rec['achieved_gb_s']:.1f} GB/s",
+            f"{peak:.1f} GB/s",
+            f"{ratio:.2f}{goal}",
+        )
+
+
+# ---- llama-bench -----------------------------------------------------------------------------
+
+
+def llama_bench(gguf: Path, threads: int, n_gen: int = 128, reps: int = 5) -> float:
+    cmd = [str(TOOLS / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0"]
+    cmd += ["-n", str(n_gen), "-r", str(reps), "-o", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    results = json.loads(done.stdout)
+    return float(results[0]["avg_ts"])
+
+
+def part_bench(run: Path, threads: int, tmp: Path) -> None:
+    say("== our llama.cpp decode tok/s vs llama-bench tg128")
+    _need_tools()
+    hf = run / "results/models/smollm2/hf"
+    prompts = read_prompts(PROMPTS)
+    sampling = {"max_new_tokens": 128, "temperature": 0.0}
+    for variant in ("F16", "Q8_0", "Q4_K_M"):
+        gguf = run / f"results/gguf/smollm2/smollm2-{variant}.gguf"
+        first = llama_bench(gguf, threads)
+        rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, {}, threads, tmp)
+        second = llama_bench(gguf, threads)
+        ours = rec["decode_tokens"] / rec["decode_s"]
+        theirs = (first + second) / 2
+        say(f"  {variant}: llama-bench {first:.1f} / {second:.1f}, ours {ours:.1f} tok/s")
+        row(
+            f"llama.cpp decode tok/s, ours / llama-bench tg128, SmolLM2 {variant}",
+            f"{ours:.1f}",
+            f"{theirs:.1f}",
+            f"{ours / theirs:.3f} (goal >= 0.98)",
+        )
+
+
+# ---- perplexity ------------------------------------------------------------------------------
+
+
+def llama_perplexity(args: list[str]) -> str:
+    cmd = [str(TOOLS / "llama-perplexity"), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout + done.stderr
+
+
+def _grab(text: str, label: str) -> tuple[float, float]:
+    m = re.search(re.escape(label) + r"\s*:\s*([-\d.]+)\s*±\s*([-\d.]+)", text)
+    if not m:
+        raise ValueError(f"'{label}' not found in llama-perplexity's output")
+    return float(m.group(1)), float(m.group(2))
+
+
+def part_ppl(run: Path, threads: int, tmp: Path, n_ctx: int = 512, chunks: int = 8) -> None:
+    say("== our perplexity / KLD / same-top vs llama-perplexity --kl-divergence")
+    _need_tools()
+    gg = run / "results/gguf/smollm2"
+    hf = run / "results/models/smollm2/hf"
+    stage = {"root": str(tmp / "shm"), "verify": "size", "reserve_gb": 0}
+    common = {"model_id": "bench", "stage": stage, "settings": {}, "threads": threads}
+    f16 = gg / "smollm2-F16.gguf"
+    ours_base = tmp / "ours.kld"
+    ref = jobs.write_reference(
+        backend="llama.cpp",
+        variant="F16",
+        source=str(f16),
+        manifest=jobs.gguf_manifest(f16, {}),
+        hf_config=str(hf / "config.json"),
+        text=str(TEXT),
+        n_ctx=n_ctx,
+        max_chunks=chunks,
+        out_base=str(ours_base),
+        out_json=str(tmp / "ref.json"),
+        **common,
+    )
+    theirs_base = tmp / "theirs.kld"
+    base_args = ["-f", str(TEXT), "-c", str(n_ctx), "--chunks", str(chunks), "-t", str(threads)]
+    out = llama_perplexity(["-m", str(f16), *base_args, "--kl-divergence-base", str(theirs_base)])
+    m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", out)
+    ppl, unc = float(m.group(1)), float(m.group(2))
+    _judge("F16 PPL", ref["ppl"], ppl, unc)
+    for variant in ("Q8_0", "Q4_K_M"):
+        gguf = gg / f"smollm2-{variant}.gguf"
+        ours = jobs.run_quality(
+            backend="llama.cpp",
+            variant=variant,
+            source=str(gguf),
+            manifest=jobs.gguf_manifest(gguf, {}),
+            base=str(ours_base),
+            reference=str(tmp / "ref.json"),
+            out=str(tmp / f"q-{variant}.json"),
+            **common,
+        )
+        args = ["-m", str(gguf), "-t", str(threads), "--kl-divergence"]
+        theirs = llama_perplexity([*args, "--kl-divergence-base", str(theirs_base)])
+        on_ours = llama_perplexity([*args, "--kl-divergence-base", str(ours_base)])
+        for label, key, scale in (
+            ("Mean PPL(Q)", "ppl", 1),
+            ("Mean PPL(Q)/PPL(base)", "ppl_ratio", 1),
+            ("Mean    KLD", "kld_mean", 1),
+            ("Same top p", "same_top_pct", 1),
+        ):
+            value, uncertainty = _grab(theirs, label)
+            _judge(f"{variant} {key}", ours[key] * scale, value, uncertainty)
+        kld_theirs_file = _grab(on_ours, "Mean    KLD")[0]
+        row(
+            f"{variant} KLD: llama-perplexity reading OUR base file",
+            f"{ours['kld_mean']:.6f}",
+            f"{kld_theirs_file:.6f}",
+            "same" if abs(kld_theirs_file - ours["kld_mean"]) < 1e-5 else "DIFFERENT",
+        )
+
+
+def _judge(name: str, ours: float, theirs: float, unc: float) -> None:
+    diff = abs(ours - theirs)
+    verdict = "agree" if diff <= unc else "DISAGREE"
+    row(
+        f"{name}: ours vs llama-perplexity",
+        f"{ours:.6g}",
+        f"{theirs:.6g} ± {unc:.3g}",
+        f"|diff| {diff:.3g} -> {verdict}",
+    )
+
+
+def _need_tools() -> None:
+    if not (TOOLS / "llama-bench").is_file() or not (TOOLS / "llama-perplexity").is_file():
+        subprocess.run([str(REPO / "bench/build_llama_tools.sh")], check=True)
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path.cwd(), help="a finished default run")
+    parser.add_argument("--parts", default="seed,roofline,bench,ppl")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the table as JSON here")
+    args = parser.parse_args()
+    run = args.run.resolve()
+    parts = {"seed": part_seed, "roofline": part_roofline, "bench": part_bench, "ppl": part_ppl}
+    with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
+        for name in args.parts.split(","):
+            parts[name](run, args.threads, Path(tmp))
+    width = [max(len(r[i]) for r in ROWS) for i in range(4)] if ROWS else [0] * 4
+    header = ("benchmark", "ours", "reference", "ratio / verdict")
+    print(" | ".join(h.ljust(w) for h, w in zip(header, width, strict=True)))
+    for r in ROWS:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, width, strict=True)))
+    if args.json:
+        table = [dict(zip(header, r, strict=True)) for r in ROWS]
+        args.json.write_text(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()

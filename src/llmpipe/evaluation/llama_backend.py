@@ -1,0 +1,384 @@
+"""The llama.cpp backend (llama-cpp-python, pinned): load a GGUF, generate, score chunks, bench.
+
+The model and context are made by ``llama_cpp.Llama`` (every setting from config); the loops
+use the C API directly (``llama_decode`` on a reused batch, llama.cpp's own sampler chain), so
+a generated token costs one ``llama_decode`` plus a native sampling call, nothing more, and the
+prompt pass and the generation are timed separately.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from llmpipe.errors import ConfigError, PipelineError
+from llmpipe.evaluation.records import PromptResult, Sampling
+
+SPLIT_MODES = ("none", "layer", "row")
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+
+
+@dataclass(frozen=True)
+class LlamaSettings:
+    """Config ``evaluate.llama_cpp`` (threads resolved to the job's count when null)."""
+
+    n_threads: int = 2
+    n_threads_batch: int = 2
+    n_gpu_layers: int = 0
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_ubatch: int = 512
+    split_mode: str = "layer"
+    tensor_split: tuple[float, ...] | None = None
+    main_gpu: int = 0
+    flash_attn: bool = True
+    kv_type: str = "f16"
+    use_mmap: bool = True
+    offload_kqv: bool = True
+
+    @classmethod
+    def from_config(cls, section: dict, threads: int) -> LlamaSettings:
+        values = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
+        values["n_threads"] = values.get("n_threads") or threads
+        values["n_threads_batch"] = values.get("n_threads_batch") or values["n_threads"]
+        if values.get("tensor_split") is not None:
+            values["tensor_split"] = tuple(float(x) for x in values["tensor_split"])
+        settings = cls(**values)
+        if settings.split_mode not in SPLIT_MODES:
+            raise ConfigError(
+                f"evaluate.llama_cpp.split_mode: '{settings.split_mode}' (expected one of "
+                f"{', '.join(SPLIT_MODES)})"
+            )
+        if settings.kv_type not in KV_TYPES:
+            raise ConfigError(
+                f"evaluate.llama_cpp.kv_type: '{settings.kv_type}' (expected one of "
+                f"{', '.join(KV_TYPES)})"
+            )
+        return settings
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.n_gpu_layers != 0
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["tensor_split"] = list(self.tensor_split) if self.tensor_split else None
+        return out
+
+
+def ggml_type(name: str) -> int:
+    import llama_cpp
+
+    return getattr(llama_cpp, f"GGML_TYPE_{name.upper()}")
+
+
+def load(
+    path: str,
+    settings: LlamaSettings,
+    *,
+    n_ctx: int | None = None,
+    n_batch: int | None = None,
+    verbose: bool = False,
+):
+    """A ``llama_cpp.Llama`` with every setting from ``settings`` (``n_ctx``/``n_batch`` may be
+    overridden, e.g. for perplexity, where a whole chunk is one batch)."""
+    import llama_cpp
+
+    n_ctx = n_ctx or settings.n_ctx
+    n_batch = min(n_batch or settings.n_batch, n_ctx)
+    split = {
+        "none": llama_cpp.LLAMA_SPLIT_MODE_NONE,
+        "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+        "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
+    }[settings.split_mode]
+    if settings.uses_gpu and not llama_cpp.llama_supports_gpu_offload():
+        print(
+            "warning: evaluate.llama_cpp.n_gpu_layers is set but this llama-cpp-python build has "
+            "no GPU support (rebuild with LLMPIPE_CUDA=1 tools/setup.sh); running on the CPU",
+            flush=True,
+        )
+    try:
+        return llama_cpp.Llama(
+            str(path),
+            n_gpu_layers=settings.n_gpu_layers,
+            split_mode=split,
+            main_gpu=settings.main_gpu,
+            tensor_split=list(settings.tensor_split) if settings.tensor_split else None,
+            use_mmap=settings.use_mmap,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_ubatch=min(settings.n_ubatch, n_batch),
+            n_threads=settings.n_threads,
+            n_threads_batch=settings.n_threads_batch,
+            flash_attn=settings.flash_attn,
+            offload_kqv=settings.offload_kqv,
+            type_k=ggml_type(settings.kv_type),
+            type_v=ggml_type(settings.kv_type),
+            logits_all=False,
+            verbose=verbose,
+        )
+    except (ValueError, RuntimeError) as err:
+        raise PipelineError(f"llama.cpp could not load {path}: {err}") from err
+
+
+class _Batch:
+    """One reusable ``llama_batch`` for a single sequence."""
+
+    def __init__(self, capacity: int) -> None:
+        import llama_cpp
+
+        self.capacity = capacity
+        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+
+    def fill(self, tokens, start_pos: int, logits_from: int | None) -> None:
+        """``tokens`` at positions ``start_pos``...; logits for batch index >= ``logits_from``
+        (None: only the last token)."""
+        b = self.batch
+        n = len(tokens)
+        if n > self.capacity:
+            raise ValueError(f"batch of {n} tokens exceeds capacity {self.capacity}")
+        b.n_tokens = n
+        last = n - 1 if logits_from is None else logits_from
+        for i, tok in enumerate(tokens):
+            b.token[i] = int(tok)
+            b.pos[i] = start_pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i >= last
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+
+def _decode(llm, batch: _Batch) -> None:
+    import llama_cpp
+
+    rc = llama_cpp.llama_decode(llm.ctx, batch.batch)
+    if rc != 0:
+        raise PipelineError(f"llama_decode failed (rc={rc}; context full or out of memory)")
+
+
+def _clear(llm) -> None:
+    import llama_cpp
+
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+
+
+def vocab(llm):
+    import llama_cpp
+
+    return llama_cpp.llama_model_get_vocab(llm.model)
+
+
+def bos_for_chunks(llm) -> int | None:
+    """The BOS id when the model adds one (llama-perplexity then puts it first in every chunk)."""
+    import llama_cpp
+
+    v = vocab(llm)
+    return int(llama_cpp.llama_vocab_bos(v)) if llama_cpp.llama_vocab_get_add_bos(v) else None
+
+
+def tokenize(llm, text: str) -> list[int]:
+    """As llama.cpp tokenizes a prompt or the evaluation text: BOS when the model adds one."""
+    import llama_cpp
+
+    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab(llm)))
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False))
+
+
+def warm_up(llm) -> None:
+    """One tiny decode so the weights are resident (mmap pages, GPU buffers) before timing."""
+    import llama_cpp
+
+    batch = _Batch(1)
+    try:
+        batch.fill([int(llama_cpp.llama_vocab_bos(vocab(llm)))], 0, None)
+        _decode(llm, batch)
+        llama_cpp.llama_synchronize(llm.ctx)
+    finally:
+        batch.close()
+        _clear(llm)
+
+
+def _sampler(llm, sampling: Sampling, seed: int, n_ctx: int):
+    import llama_cpp
+
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    add = llama_cpp.llama_sampler_chain_add
+    if sampling.repetition_penalty != 1.0:
+        add(
+            chain,
+            llama_cpp.llama_sampler_init_penalties(
+                llm.n_vocab(), n_ctx, sampling.repetition_penalty, 0.0, 0.0
+            ),
+        )
+    if sampling.greedy:
+        add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if sampling.top_k > 0:
+        add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+    if sampling.top_p < 1.0:
+        add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+    add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+    add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    return chain
+
+
+def generate(llm, prompts: list[tuple[int, str]], sampling: Sampling) -> list[PromptResult]:
+    """Each prompt from an empty KV cache: one timed prompt pass, then timed decode steps."""
+    import llama_cpp
+
+    n_ctx = llm.n_ctx()
+    n_batch = llm.n_batch
+    v = vocab(llm)
+    batch = _Batch(max(n_batch, 1))
+    results = []
+    try:
+        for index, prompt in prompts:
+            tokens = tokenize(llm, prompt)
+            if not tokens:
+                raise PipelineError(f"prompt {index + 1} tokenizes to nothing")
+            if len(tokens) >= n_ctx:
+                raise ConfigError(
+                    f"prompt {index + 1} has {len(tokens)} tokens, more than "
+                    f"evaluate.llama_cpp.n_ctx={n_ctx} allows; raise n_ctx"
+                )
+            chain = _sampler(llm, sampling, sampling.prompt_seed(index), n_ctx)
+            try:
+                result = _generate_one(llm, batch, chain, v, index, prompt, tokens, sampling)
+            finally:
+                llama_cpp.llama_sampler_free(chain)
+            results.append(result)
+    finally:
+        batch.close()
+    return results
+
+
+def _generate_one(llm, batch, chain, v, index, prompt, tokens, sampling) -> PromptResult:
+    import llama_cpp
+
+    n_ctx = llm.n_ctx()
+    _clear(llm)
+    for tok in tokens:  # the repetition penalty sees the prompt, as transformers' does
+        llama_cpp.llama_sampler_accept(chain, tok)
+    start = time.perf_counter()
+    for pos in range(0, len(tokens), batch.capacity):
+        part = tokens[pos : pos + batch.capacity]
+        last_part = pos + batch.capacity >= len(tokens)
+        batch.fill(part, pos, None if last_part else len(part))
+        _decode(llm, batch)
+    llama_cpp.llama_synchronize(llm.ctx)
+    prefilled = time.perf_counter()
+    ids: list[int] = []
+    n_past = len(tokens)
+    stop = "length"
+    while True:
+        tok = int(llama_cpp.llama_sampler_sample(chain, llm.ctx, -1))
+        ids.append(tok)
+        if llama_cpp.llama_vocab_is_eog(v, tok):
+            stop = "eos"
+            break
+        if len(ids) >= sampling.max_new_tokens:
+            break
+        if n_past >= n_ctx:
+            stop = "context"
+            break
+        batch.fill([tok], n_past, None)
+        _decode(llm, batch)
+        n_past += 1
+    done = time.perf_counter()
+    text_ids = ids[:-1] if stop == "eos" else ids
+    return PromptResult(
+        index=index,
+        prompt=prompt,
+        prompt_tokens=len(tokens),
+        token_ids=ids,
+        text=llm.detokenize(text_ids).decode("utf-8", errors="replace"),
+        prefill_s=prefilled - start,
+        decode_s=done - prefilled,
+        stop=stop,
+    )
+
+
+def chunk_logits(llm, chunk_input: np.ndarray, first: int) -> np.ndarray:
+    """Logits at positions ``first`` .. ``n_ctx - 2`` of one chunk (one pass, empty cache)."""
+    import llama_cpp
+
+    n_ctx = len(chunk_input)
+    if llm.n_batch < n_ctx or llm.n_ctx() < n_ctx:
+        raise ValueError(f"context (n_ctx {llm.n_ctx()}, n_batch {llm.n_batch}) < chunk {n_ctx}")
+    batch = _Batch(n_ctx)
+    try:
+        _clear(llm)
+        batch.fill(chunk_input, 0, first)
+        batch.batch.logits[n_ctx - 1] = False  # predicts past the chunk: never scored
+        _decode(llm, batch)
+        n_out = n_ctx - 1 - first
+        ptr = llama_cpp.llama_get_logits(llm.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, llm.n_vocab())).copy()
+    finally:
+        batch.close()
+
+
+def bench(llm, n_prompt: int, n_gen: int, repetitions: int, seed: int = 0) -> dict:
+    """llama-bench's two tests: ``pp`` (a prompt of n_prompt random tokens, one batch) and
+    ``tg`` (n_gen single-token decodes from an empty cache), each after a warm-up run."""
+    import llama_cpp
+
+    rng = np.random.default_rng(seed)
+    n_vocab = llm.n_vocab()
+    batch = _Batch(max(n_prompt, 1))
+    out: dict[str, list[float]] = {"pp": [], "tg": []}
+    try:
+        for rep in range(repetitions + 1):
+            if n_prompt:
+                _clear(llm)
+                tokens = rng.integers(0, n_vocab, n_prompt)
+                start = time.perf_counter()
+                for pos in range(0, n_prompt, llm.n_batch):
+                    part = tokens[pos : pos + llm.n_batch]
+                    batch.fill(part, pos, None)
+                    _decode(llm, batch)
+                llama_cpp.llama_synchronize(llm.ctx)
+                if rep:
+                    out["pp"].append(n_prompt / (time.perf_counter() - start))
+            if n_gen:
+                _clear(llm)
+                tok = int(rng.integers(0, n_vocab))
+                start = time.perf_counter()
+                for pos in range(n_gen):
+                    batch.fill([tok], pos, None)
+                    _decode(llm, batch)
+                llama_cpp.llama_synchronize(llm.ctx)
+                if rep:
+                    out["tg"].append(n_gen / (time.perf_counter() - start))
+    finally:
+        batch.close()
+        _clear(llm)
+
+    def stats(values: list[float]) -> tuple[float | None, float | None]:
+        if not values:
+            return None, None
+        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    pp, pp_sd = stats(out["pp"])
+    tg, tg_sd = stats(out["tg"])
+    return {"pp_tok_s": pp, "pp_sd": pp_sd, "tg_tok_s": tg, "tg_sd": tg_sd}
+
+
+def n_layers(llm) -> int:
+    import llama_cpp
+
+    return int(llama_cpp.llama_model_n_layer(llm.model))
+
+
+def kv_type_bytes(settings: LlamaSettings) -> float:
+    from llmpipe.evaluation.figures import KV_TYPE_BYTES
+
+    return KV_TYPE_BYTES[settings.kv_type]

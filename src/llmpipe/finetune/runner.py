@@ -1,0 +1,147 @@
+"""What the workflow's ``finetune`` rule runs: check, launch the training processes, draw the curve.
+
+The training itself runs in child processes (``llmpipe.finetune.train``), started by the command
+``llmpipe.finetune.launch`` builds for the configured nodes and GPUs; their output goes to the
+rule's log. The spec they read (paths, settings, fingerprints) is written beside the
+checkpoints, so a rerun after an interruption resumes from the newest matching checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmpipe import atomic, manifest
+from llmpipe.errors import PipelineError
+from llmpipe.finetune import launch
+from llmpipe.finetune.settings import from_dict
+
+
+def fail_fast(settings: dict[str, Any]) -> str:
+    """Refuse, before any process starts, what this machine cannot run; returns the device."""
+    from llmpipe.finetune import distributed as dd
+
+    s = from_dict(settings)
+    device = dd.choose_device(s.device, s.method)
+    if s.method == "qlora":
+        dd.check_bitsandbytes()
+    return device
+
+
+def write_spec(path: str | os.PathLike, **spec: Any) -> Path:
+    path = Path(path)
+    atomic.write_json(path, spec)
+    return path
+
+
+def run_finetune(
+    *,
+    model_id: str,
+    base_hf: str,
+    base_manifest: str,
+    train: str,
+    heldout: str,
+    settings: dict[str, Any],
+    adapter: str,
+    loss_csv: str,
+    loss_png: str,
+    metrics: str,
+    checkpoints: str,
+    threads: int,
+    extra: Callable[[dict], dict] | None = None,
+) -> None:
+    """Fine-tune ``base_hf`` with ``settings`` (``Settings.group("train")``) and write the
+    adapter, loss curve (CSV + PNG) and metrics; resumes from ``checkpoints`` when it can.
+
+    ``extra(metrics)`` returns fields merged into the metrics JSON (the job's predicted and
+    measured resources: ``llmpipe.resources.Usage.fields``)."""
+    s = from_dict(settings)
+    fail_fast(settings)
+    base = manifest.load(base_manifest)
+    spec = write_spec(
+        Path(checkpoints) / "spec.json",
+        model_id=model_id,
+        base_hf=str(Path(base_hf).resolve()),
+        base_fingerprint=base.get("fingerprint") or manifest.fingerprint(base),
+        train=str(Path(train).resolve()),
+        heldout=str(Path(heldout).resolve()),
+        train_sha256=manifest.sha256_file(train),
+        heldout_sha256=manifest.sha256_file(heldout),
+        settings=settings,
+        adapter=str(Path(adapter).resolve()),
+        loss_csv=str(Path(loss_csv).resolve()),
+        metrics=str(Path(metrics).resolve()),
+        checkpoints=str(Path(checkpoints).resolve()),
+        threads=threads,
+    )
+    cmd = launch.launch_command(
+        ["--spec", str(spec.resolve())],
+        nodes=s.nodes,
+        gpus_per_node=s.gpus_per_node,
+        allocation=launch.slurm_allocation(),
+        rdzv_port=s.rdzv_port,
+    )
+    print("running:", shlex.join(cmd), file=sys.stderr, flush=True)
+    done = subprocess.run(
+        cmd,
+        env=launch.launch_env(threads, s.gpus_per_node),
+        stdout=sys.stderr,
+        stderr=sys.stderr,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise PipelineError(
+            f"training of {model_id} failed (exit {done.returncode}); its messages are above "
+            f"in this log. Rerunning resumes from the newest checkpoint in {checkpoints}"
+        )
+    for path in (adapter, loss_csv, metrics):
+        if not Path(path).exists():
+            raise PipelineError(f"training of {model_id} ended without writing {path}")
+    plot_loss(loss_csv, loss_png, title=f"{model_id}: {s.method} fine-tune loss")
+    if extra is not None:
+        record = json.loads(Path(metrics).read_text())
+        record.update(extra(record))
+        atomic.write_json(metrics, record)
+
+
+def plot_loss(loss_csv: str, out_png: str, title: str = "fine-tune loss") -> None:
+    """Train loss per step (and its running mean) and held-out loss, against the step."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(loss_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    train = [(int(r["step"]), float(r["loss"])) for r in rows if r["split"] == "train"]
+    heldout = [(int(r["step"]), float(r["loss"])) for r in rows if r["split"] == "heldout"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="train (per step)")
+        window = max(1, len(losses) // 20)
+        smooth = []
+        for i in range(len(losses)):
+            recent = losses[max(0, i - window + 1) : i + 1]
+            smooth.append(sum(recent) / len(recent))
+        ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"train (mean of {window})")
+    if heldout:
+        steps, losses = zip(*heldout, strict=True)
+        ax.plot(steps, losses, "o-", color="tab:orange", lw=2, label="held-out")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per response token (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic.atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,322 @@
+"""The config's ``finetune:`` section: which models are tuned, and each one's settings.
+
+::
+
+    finetune:
+      enabled_for: [smollm2]          # each becomes a model of its own: "smollm2-ft"
+      defaults: {learning_rate: ...}  # every key below, for every tuned model
+      models:
+        smollm2: {max_steps: 30}      # per-model overrides of defaults
+
+``Settings`` holds every key with its default; the schema (workflow/schemas/config.schema.yaml,
+``finetune.defaults``) carries the same keys and defaults (a test keeps them equal). The rules
+pass each step only the keys it uses (``Settings.group``), so changing, say, the comparison's
+batch size reruns the comparison, not the training.
+
+Imported by the Snakefile: standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmpipe.errors import ConfigError
+
+SUFFIX = "-ft"
+
+# LoRA target modules when ``target_modules`` is null, by config.json ``model_type``: attention
+# and MLP projections of Llama-like decoders; Falcon's fused attention and its dense layers.
+# Anything else gets PEFT's "all-linear" (every linear layer but the output head).
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FALCON_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": LLAMA_TARGETS,
+    "mistral": LLAMA_TARGETS,
+    "qwen2": LLAMA_TARGETS,
+    "qwen3": LLAMA_TARGETS,
+    "gemma": LLAMA_TARGETS,
+    "gemma2": LLAMA_TARGETS,
+    "falcon": FALCON_TARGETS,
+    "RefinedWeb": FALCON_TARGETS,
+    "RefinedWebModel": FALCON_TARGETS,
+}
+
+# Which step uses a key: data (finetune_data), train (finetune), merge (merge_lora and
+# lora_to_gguf), compare (compare_finetune).
+DATA, TRAIN, MERGE, COMPARE = "data", "train", "merge", "compare"
+
+
+def _key(default: Any, *groups: str, choices: tuple = (), minimum: float | None = None) -> Any:
+    meta = {"groups": groups, "choices": choices, "minimum": minimum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One tuned model's settings; the defaults suit a 7B LoRA run on one V100-32GB.
+
+    Every key is documented in workflow/schemas/config.schema.yaml and config/README.md.
+    """
+
+    # --- the adapter
+    method: str = _key("lora", TRAIN, choices=("lora", "qlora"))
+    qlora_quant: str = _key("nf4", TRAIN, choices=("nf4", "fp4", "int8"))
+    lora_r: int = _key(16, TRAIN, minimum=1)
+    lora_alpha: float = _key(32, TRAIN, minimum=0)
+    lora_dropout: float = _key(0.05, TRAIN, minimum=0)
+    target_modules: list[str] | str | None = _key(None, TRAIN)
+    # --- optimisation
+    learning_rate: float = _key(2e-4, TRAIN, minimum=0)
+    lr_scheduler: str = _key("cosine", TRAIN, choices=("cosine", "linear", "constant"))
+    warmup_steps: int = _key(0, TRAIN, minimum=0)
+    weight_decay: float = _key(0.0, TRAIN, minimum=0)
+    max_grad_norm: float = _key(1.0, TRAIN, minimum=0)
+    epochs: int = _key(1, TRAIN, minimum=1)
+    max_steps: int | None = _key(None, TRAIN, minimum=1)
+    batch_size: int = _key(4, TRAIN, minimum=1)
+    grad_accum: int = _key(4, TRAIN, minimum=1)
+    seq_len: int = _key(512, TRAIN, DATA, minimum=8)
+    gradient_checkpointing: bool = _key(True, TRAIN)
+    seed: int = _key(0, TRAIN, minimum=0)
+    precision: str = _key("auto", TRAIN, choices=("auto", "fp16", "bf16", "fp32"))
+    device: str = _key("auto", TRAIN, COMPARE, choices=("auto", "cuda", "cpu"))
+    # --- placement
+    nodes: int = _key(1, TRAIN, minimum=1)
+    gpus_per_node: int = _key(1, TRAIN, minimum=1)
+    strategy: str = _key("ddp", TRAIN, choices=("ddp", "fsdp"))
+    rdzv_port: int = _key(29400, TRAIN, minimum=1)
+    # --- bookkeeping
+    log_every: int = _key(10, TRAIN, minimum=1)
+    eval_every: int = _key(50, TRAIN, minimum=1)
+    eval_examples: int | None = _key(64, TRAIN, minimum=1)
+    save_every: int = _key(50, TRAIN, minimum=1)
+    keep_checkpoints: int = _key(2, TRAIN, minimum=1)
+    # --- data
+    train_file: str | None = _key(None, DATA)
+    heldout_file: str | None = _key(None, DATA)
+    heldout_fraction: float = _key(0.1, DATA, minimum=0)
+    task: str = _key("reverse_words", DATA, choices=("reverse_words",))
+    task_train_examples: int = _key(1000, DATA, minimum=1)
+    task_heldout_examples: int = _key(100, DATA, minimum=1)
+    data_seed: int = _key(0, DATA, minimum=0)
+    # --- outputs
+    merged_dtype: str = _key("float16", MERGE, choices=("float16", "bfloat16", "float32"))
+    adapter_gguf: bool = _key(False, MERGE)
+    compare_examples: int | None = _key(None, COMPARE, minimum=1)
+    compare_batch_size: int = _key(16, COMPARE, minimum=1)
+
+    def group(self, name: str) -> dict[str, Any]:
+        """The keys one step uses, as a plain dict (a rule's ``params``)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if name in f.metadata["groups"]
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def total_processes(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def wants_cuda(self) -> bool:
+        """Whether the job must be placed on GPUs (QLoRA always needs one)."""
+        return self.device == "cuda" or self.method == "qlora"
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def defaults() -> dict[str, Any]:
+    """Every key and its default (compared with the schema's defaults by a test)."""
+    return Settings().as_dict()
+
+
+def from_dict(values: Mapping[str, Any], where: str = "finetune") -> Settings:
+    """Settings from a (partial) mapping; a bad key or value names ``where.key``."""
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise ConfigError(
+                f"{where}.{key}: unknown key (expected one of: {', '.join(sorted(FIELDS))})"
+            )
+        _check_value(f"{where}.{key}", FIELDS[key], value)
+    merged = {**defaults(), **values}
+    settings = Settings(**merged)
+    _check_combination(settings, where)
+    return settings
+
+
+_TYPES = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+}
+
+
+def _check_value(where: str, f: dataclasses.Field, value: Any) -> None:
+    kind = str(f.type)
+    optional = "None" in kind
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{where}: null is not allowed (expected a value like {f.default!r})")
+    if f.name == "target_modules":
+        ok = isinstance(value, str) or (
+            isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+        )
+        if not ok:
+            raise ConfigError(
+                f"{where}: {value!r} is not a list of module names or 'all-linear' "
+                f"(null = the architecture's default)"
+            )
+        return
+    base = kind.split("|")[0].strip()
+    types = _TYPES[base]
+    if isinstance(value, bool) and base != "bool" or not isinstance(value, types):
+        raise ConfigError(f"{where}: {value!r} is not of type {base}")
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+    minimum = f.metadata["minimum"]
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}: {value!r} is less than the minimum of {minimum}")
+
+
+def _check_combination(s: Settings, where: str) -> None:
+    if s.heldout_fraction >= 1:
+        raise ConfigError(f"{where}.heldout_fraction: {s.heldout_fraction} (expected < 1)")
+    if s.strategy == "fsdp" and s.method == "qlora":
+        raise ConfigError(
+            f"{where}.strategy: fsdp with method qlora is not supported (bitsandbytes weights "
+            f"cannot be sharded here); use strategy ddp, or method lora with fsdp"
+        )
+    if s.method == "qlora" and s.device == "cpu":
+        raise ConfigError(
+            f"{where}.method: qlora needs a CUDA GPU (bitsandbytes kernels), but device is "
+            f"'cpu'; use method lora on the CPU"
+        )
+    if s.precision in ("fp16", "bf16") and s.device == "cpu":
+        raise ConfigError(
+            f"{where}.precision: {s.precision} mixed precision needs a GPU; on device 'cpu' "
+            f"use fp32 (or auto)"
+        )
+    if s.train_file is None and s.heldout_file is not None:
+        raise ConfigError(f"{where}.heldout_file: set, but train_file is null (set both)")
+
+
+# --------------------------------------------------------------------------------------------
+# The model table
+# --------------------------------------------------------------------------------------------
+
+
+def section(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    return config.get("finetune") or {}
+
+
+def base_models(config: Mapping[str, Any]) -> list[str]:
+    """Base models to fine-tune, in the order ``finetune.enabled_for`` lists them."""
+    return list(section(config).get("enabled_for") or [])
+
+
+def tuned_id(base: str) -> str:
+    return f"{base}{SUFFIX}"
+
+
+def tuned_models(config: Mapping[str, Any]) -> list[str]:
+    return [tuned_id(m) for m in base_models(config)]
+
+
+def resolve(config: Mapping[str, Any], base: str) -> Settings:
+    """The settings of base model ``base``: schema defaults < finetune.defaults < models.<base>."""
+    sec = section(config)
+    merged = {**(sec.get("defaults") or {}), **((sec.get("models") or {}).get(base) or {})}
+    return from_dict(merged, where=f"finetune.models.{base}")
+
+
+def check(config: Mapping[str, Any]) -> None:
+    """Cross-key checks of the finetune section (after schema validation)."""
+    sec = section(config)
+    models = list(config.get("models") or {})
+    enabled = base_models(config)
+    for base in enabled:
+        if base not in models:
+            raise ConfigError(
+                f"finetune.enabled_for: '{base}' is not a model id (expected one of: "
+                f"{', '.join(models)})"
+            )
+        if tuned_id(base) in models:
+            raise ConfigError(
+                f"finetune.enabled_for: '{base}' would create the model '{tuned_id(base)}', "
+                f"which models: already defines; rename that model"
+            )
+    dupes = sorted({m for m in enabled if enabled.count(m) > 1})
+    if dupes:
+        raise ConfigError(f"finetune.enabled_for: listed twice: {', '.join(dupes)}")
+    for base in sec.get("models") or {}:
+        if base not in enabled:
+            raise ConfigError(
+                f"finetune.models.{base}: settings for a model that finetune.enabled_for does "
+                f"not list (add it there, or remove these settings)"
+            )
+    from_dict(sec.get("defaults") or {}, where="finetune.defaults")
+    for base in enabled:
+        resolve(config, base)
+
+
+def id_regex(ids: Iterable[str]) -> str:
+    """A wildcard constraint matching exactly ``ids`` (matches nothing when empty)."""
+    ids = list(ids)
+    return "|".join(map(re.escape, ids)) if ids else "(?!)"
+
+
+# --------------------------------------------------------------------------------------------
+# Model-dependent defaults
+# --------------------------------------------------------------------------------------------
+
+
+def target_modules(settings: Settings, model_type: str | None) -> list[str] | str:
+    """The modules LoRA adapts: the configured list, or the architecture's default."""
+    if settings.target_modules is not None:
+        return settings.target_modules
+    return list(DEFAULT_TARGETS.get(model_type or "", ())) or "all-linear"
+
+
+def estimate_options(settings: Mapping[str, Any], train_examples: int) -> dict[str, Any]:
+    """Options of ``llmpipe.estimate.finetune`` (through ``llmpipe.resources``) for one job."""
+    s = from_dict(settings) if not isinstance(settings, Settings) else settings
+    on_gpu = s.wants_cuda
+    global_batch = s.batch_size * s.grad_accum * s.total_processes
+    steps = s.max_steps or s.epochs * max(1, -(-train_examples // global_batch))
+    dtype = {"auto": "f16", "fp16": "f16", "bf16": "bf16", "fp32": "f32"}[s.precision]
+    if not on_gpu:
+        dtype = "f32"
+    return {
+        "method": s.method,
+        "hw": "v100" if on_gpu else "cpu",
+        "dtype": dtype,
+        "quant": s.qlora_quant,
+        "micro_batch": s.batch_size,
+        "seq_len": s.seq_len,
+        "lora_rank": s.lora_r,
+        "steps": steps,
+        "grad_accum": s.grad_accum,
+        "gradient_checkpointing": s.gradient_checkpointing,
+    }
+
+
+def count_lines(path: str, fallback: int) -> int:
+    """Records in a JSONL file (its non-blank lines); ``fallback`` if it cannot be read yet."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
+        return fallback

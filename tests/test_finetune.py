@@ -1,0 +1,566 @@
+"""Fine-tuning library: settings, launch command, data, and real training runs.
+
+The training tests use a tiny random-init Llama with a byte-level BPE tokenizer and SmolLM2's
+chat template, built here in seconds, so they need no downloaded model; the interruption test
+uses the default run's SmolLM2 (steps slow enough to kill the process between checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO
+
+from llmpipe.errors import ConfigError, ResourceError, SourceError
+from llmpipe.finetune import dataset as ds
+from llmpipe.finetune import launch, tasks
+from llmpipe.finetune import settings as ft
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def schema() -> dict:
+    return yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and the model table
+# --------------------------------------------------------------------------------------------
+
+
+def test_schema_and_settings_agree_on_every_key_and_default():
+    sec = schema()["properties"]["finetune"]["properties"]
+    props = sec["defaults"]["properties"]
+    assert {k: v["default"] for k, v in props.items()} == ft.defaults()
+    for key, prop in props.items():
+        assert prop.get("description") and "type" in prop, key
+    overrides = sec["models"]["additionalProperties"]["properties"]
+    assert set(overrides) == set(props)
+    assert all(v["$ref"].endswith(f"/{k}") for k, v in overrides.items())
+
+
+def test_config_file_validates_and_resolves_per_model_overrides(tmp_path):
+    from llmpipe import config as cfg
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["finetune"]["defaults"] = {"lora_r": 4}
+    cfg.validate(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
+    ft.check(config)
+    assert ft.tuned_models(config) == ["smollm2-ft"]
+    s = ft.resolve(config, "smollm2")
+    assert s.lora_r == 4  # from finetune.defaults
+    assert s.max_steps == config["finetune"]["models"]["smollm2"]["max_steps"]  # per model
+    assert s.lora_alpha == 32  # schema default
+    assert "learning_rate" in s.group(ft.TRAIN) and "learning_rate" not in s.group(ft.COMPARE)
+    # The per-model overrides are typed by the schema, without defaults being filled in.
+    config["finetune"]["models"]["smollm2"]["lora_r"] = "big"
+    with pytest.raises(ConfigError, match="lora_r"):
+        cfg.validate(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"enabled_for": ["nope"]}, "not a model id"),
+        ({"enabled_for": ["smollm2"], "models": {"other": {}}}, "does not list"),
+        ({"enabled_for": ["smollm2"], "defaults": {"method": "qlora", "device": "cpu"}}, "CUDA"),
+        ({"enabled_for": ["smollm2"], "defaults": {"strategy": "fsdp", "method": "qlora"}}, "fsdp"),
+        ({"enabled_for": ["smollm2"], "defaults": {"learnin_rate": 1}}, "unknown key"),
+        ({"enabled_for": ["smollm2"], "defaults": {"batch_size": 0}}, "minimum"),
+    ],
+)
+def test_bad_finetune_sections_name_the_key(section, message):
+    config = {"models": {"smollm2": {"source": "package"}}, "finetune": section}
+    with pytest.raises(ConfigError, match=message):
+        ft.check(config)
+
+
+def test_tuned_id_may_not_collide_with_a_model():
+    config = {"models": {"a": {}, "a-ft": {}}, "finetune": {"enabled_for": ["a"]}}
+    with pytest.raises(ConfigError, match="already defines"):
+        ft.check(config)
+
+
+def test_default_targets_per_architecture():
+    fixtures = REPO / "tests" / "fixtures" / "model_configs"
+    s = ft.Settings()
+    for name, expected in [
+        ("llama-2-7b.json", ft.LLAMA_TARGETS),
+        ("mistral-7b-v0.1.json", ft.LLAMA_TARGETS),
+        ("falcon-7b.json", ft.FALCON_TARGETS),
+        ("smollm2-135m.json", ft.LLAMA_TARGETS),
+    ]:
+        model_type = json.loads((fixtures / name).read_text())["model_type"]
+        assert ft.target_modules(s, model_type) == list(expected), name
+    assert ft.target_modules(s, "gpt_neox") == "all-linear"
+    assert ft.target_modules(ft.Settings(target_modules=["q_proj"]), "llama") == ["q_proj"]
+
+
+def test_estimate_options_feed_the_estimator():
+    from llmpipe import resources
+
+    opts = ft.estimate_options(ft.Settings(max_steps=None, epochs=2, batch_size=4), 100)
+    assert opts["steps"] == 2 * 7 and opts["hw"] == "cpu" and opts["dtype"] == "f32"
+    gpu = ft.estimate_options(ft.Settings(device="cuda"), 100)
+    assert gpu["hw"] == "v100" and gpu["dtype"] == "f16"
+    config_json = REPO / "tests" / "fixtures" / "model_configs" / "llama-2-13b.json"
+    plan = resources.plan("finetune", config_json, **gpu)
+    assert plan.gpus >= 1 and plan.mem_mb > 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Launch command
+# --------------------------------------------------------------------------------------------
+
+
+def test_launch_single_process_needs_no_launcher():
+    cmd = launch.launch_command(["--spec", "s.json"], nodes=1, gpus_per_node=1, allocation=None)
+    assert cmd == [sys.executable, "-m", "llmpipe.finetune.train", "--spec", "s.json"]
+
+
+def test_launch_one_node_several_gpus_is_standalone_torchrun():
+    alloc = launch.SlurmAllocation("7", ("gpu01",))
+    for allocation in (None, alloc):  # inside Slurm, one node needs no srun either
+        cmd = launch.launch_command(
+            ["--spec", "s"], nodes=1, gpus_per_node=4, allocation=allocation
+        )
+        assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+        assert "--standalone" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "4"
+        assert cmd[-4:] == ["-m", "llmpipe.finetune.train", "--spec", "s"]
+
+
+def test_launch_several_nodes_uses_srun_and_c10d_on_the_first_node():
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "onode[10-13]",
+        "SLURM_CPUS_PER_TASK": "8",
+    }
+    alloc = launch.slurm_allocation(env)
+    assert alloc.nodes == ("onode10", "onode11", "onode12", "onode13")
+    cmd = launch.launch_command(
+        ["--spec", "s"], nodes=4, gpus_per_node=1, allocation=alloc, rdzv_port=4444
+    )
+    srun = cmd[: cmd.index(sys.executable)]
+    assert srun[:7] == ["srun", "--nodes", "4", "--ntasks", "4", "--ntasks-per-node", "1"]
+    assert "--cpus-per-task" in srun and srun[srun.index("--cpus-per-task") + 1] == "8"
+    rest = cmd[len(srun) :]
+    assert rest[rest.index("--rdzv_endpoint") + 1] == "onode10:4444"
+    assert rest[rest.index("--rdzv_backend") + 1] == "c10d"
+    assert rest[rest.index("--nnodes") + 1] == "4"
+    assert rest[rest.index("--rdzv_id") + 1] == "llmpipe-4242"
+    assert "--node-rank" not in rest and "--master-addr" not in rest  # c10d assigns ranks
+
+
+def test_launch_refuses_what_cannot_start():
+    with pytest.raises(ConfigError, match="Slurm allocation"):
+        launch.launch_command([], nodes=2, gpus_per_node=1, allocation=None)
+    small = launch.SlurmAllocation("1", ("n1",))
+    with pytest.raises(ResourceError, match="request nodes=2"):
+        launch.launch_command([], nodes=2, gpus_per_node=1, allocation=small)
+    assert launch.slurm_allocation({}) is None
+
+
+@pytest.mark.parametrize(
+    ("hostlist", "expected"),
+    [
+        ("gpu01", ["gpu01"]),
+        ("gpu[01-03]", ["gpu01", "gpu02", "gpu03"]),
+        ("a[1,3-4],b7", ["a1", "a3", "a4", "b7"]),
+        ("n[008-010]-ib", ["n008-ib", "n009-ib", "n010-ib"]),
+    ],
+)
+def test_expand_hostlist(hostlist, expected):
+    assert launch.expand_hostlist(hostlist) == expected
+
+
+def test_launch_env_shares_the_threads_between_processes():
+    env = launch.launch_env(8, 2, env={})
+    assert env["OMP_NUM_THREADS"] == "4"
+    assert str(REPO / "src") in env["PYTHONPATH"].split(os.pathsep)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def test_default_task_is_seeded_and_splits_are_disjoint():
+    train, heldout = tasks.generate("reverse_words", 200, 50, seed=3)
+    assert (train, heldout) == tasks.generate("reverse_words", 200, 50, seed=3)
+    assert train != tasks.generate("reverse_words", 200, 50, seed=4)[0]
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in heldout}
+    for r in train + heldout:
+        words = r["instruction"].split(": ", 1)[1].split(", ")
+        assert 3 <= len(words) <= 5 and r["response"] == ", ".join(reversed(words))
+
+
+def test_prepare_user_files_and_split(tmp_path):
+    records = [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(20)]
+    ds.write_jsonl(tmp_path / "mine.jsonl", records)
+    settings = {**ft.Settings().group(ft.DATA), "train_file": str(tmp_path / "mine.jsonl")}
+    summary = ds.prepare(settings, tmp_path / "train.jsonl", tmp_path / "heldout.jsonl")
+    assert summary["train_examples"] == 18 and summary["heldout_examples"] == 2
+    again = ds.prepare(settings, tmp_path / "t2.jsonl", tmp_path / "h2.jsonl")
+    assert again == summary
+    assert (tmp_path / "heldout.jsonl").read_text() == (tmp_path / "h2.jsonl").read_text()
+
+
+def test_bad_data_lines_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "response": "a"}\n{"instruction": "q"}\n')
+    with pytest.raises(SourceError, match=r"bad.jsonl:2: 'response' missing"):
+        ds.read_jsonl(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(SourceError, match=r"bad.jsonl:1: not valid JSON"):
+        ds.read_jsonl(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny real model
+# --------------------------------------------------------------------------------------------
+
+
+def make_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
+    """Random-init Llama (2 layers, hidden 64) + byte-level BPE trained on the task's text,
+    with a ChatML template like SmolLM2's: a complete HF folder in a few seconds."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    train, heldout = tasks.generate("reverse_words", 400, 50, seed=99)
+    corpus = [r["instruction"] + " " + r["response"] for r in train + heldout]
+    corpus += ["system user assistant You are a helpful AI assistant"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+        # Wide enough embeddings that a normed hidden state can make confident logits: with
+        # the default 0.02 the output stays near-uniform whatever the adapters learn.
+        initializer_range=0.2,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model folder with a manifest, and the default task's data."""
+    from llmpipe import atomic, manifest
+
+    root = tmp_path_factory.mktemp("tiny")
+    hf = make_tiny_chat_model(root / "hf")
+    files = manifest.build(hf)
+    atomic.write_json(root / "manifest.json", {**files, "fingerprint": manifest.fingerprint(files)})
+    settings = {**ft.Settings().group(ft.DATA), "task_train_examples": 128}
+    ds.prepare(settings, root / "train.jsonl", root / "heldout.jsonl")
+    return {"hf": hf, "manifest": root / "manifest.json", "train": root / "train.jsonl",
+            "heldout": root / "heldout.jsonl"}  # fmt: skip
+
+
+TINY = {
+    "learning_rate": 0.03,
+    "max_steps": 12,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "seq_len": 96,
+    "gradient_checkpointing": False,
+    "lora_dropout": 0.0,
+    "lora_r": 8,
+    "eval_every": 4,
+    "eval_examples": 16,
+    "save_every": 4,
+    "log_every": 1,
+    "warmup_steps": 0,
+    "lr_scheduler": "constant",
+}
+
+
+def run_tiny(tiny, out: Path, **overrides) -> dict:
+    """One fine-tune of the tiny model through the rule's entry point (subprocesses)."""
+    from llmpipe.finetune.runner import run_finetune
+
+    settings = ft.from_dict({**TINY, **overrides}).group(ft.TRAIN)
+    run_finetune(
+        model_id="tiny-ft",
+        base_hf=str(tiny["hf"]),
+        base_manifest=str(tiny["manifest"]),
+        train=str(tiny["train"]),
+        heldout=str(tiny["heldout"]),
+        settings=settings,
+        adapter=str(out / "adapter"),
+        loss_csv=str(out / "loss.csv"),
+        loss_png=str(out / "loss.png"),
+        metrics=str(out / "metrics.json"),
+        checkpoints=str(out / "checkpoints"),
+        threads=2,
+    )
+    return json.loads((out / "metrics.json").read_text())
+
+
+def read_loss(path: Path, split: str) -> list[tuple[int, float]]:
+    import csv
+
+    with open(path) as fh:
+        return [
+            (int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh) if r["split"] == split
+        ]
+
+
+def test_chat_template_rendering_masks_the_prompt(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny["hf"])
+    record = {"instruction": "Reverse the order of these words: a, b, c", "response": "c, b, a"}
+    prompt, full = ds.render(tok, record)
+    assert prompt.endswith("<|im_start|>assistant\n") and "You are a helpful" in prompt
+    assert full == prompt + "c, b, a<|im_end|>\n"
+    example = ds.tokenize(tok, record, seq_len=200)
+    n_prompt = len(ds.prompt_ids(tok, record))
+    assert example.labels[:n_prompt] == [ds.IGNORE] * n_prompt
+    assert example.labels[n_prompt:] == example.input_ids[n_prompt:]
+    assert tok.decode(example.input_ids[n_prompt:]) == "c, b, a<|im_end|>\n"
+    assert ds.tokenize(tok, record, seq_len=n_prompt) is None  # nothing left to learn
+
+
+def test_fallback_template_for_a_tokenizer_without_one(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny["hf"])
+    tok.chat_template = None
+    assert ds.ensure_chat_template(tok) is False
+    prompt, full = ds.render(tok, {"instruction": "hi", "response": "yo"})
+    assert prompt.endswith("### Instruction:\nhi\n\n### Response:\n")
+    assert full == prompt + "yo<|im_end|>"
+
+
+@pytest.mark.slow
+def test_short_training_lowers_the_heldout_loss_and_writes_everything(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    metrics = run_tiny(tiny, tmp_path)
+    heldout = read_loss(tmp_path / "loss.csv", "heldout")
+    assert [s for s, _ in heldout] == [0, 4, 8, 12]
+    assert heldout[-1][1] < 0.8 * heldout[0][1]
+    assert len(read_loss(tmp_path / "loss.csv", "train")) == 12
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics["processes"] == 1 and metrics["steps"] == 12
+    assert metrics["tokens"] > 0 and metrics["tokens_per_s"] > 0 and metrics["peak_rss_mb"] > 0
+    assert metrics["flops"]["total"] < metrics["flops"]["full_finetune_equivalent"]
+    assert metrics["provenance"]["seed"] == 0
+    # Checkpoints were kept for resuming (two newest), never a temporary one.
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["checkpoint-0000004", "checkpoint-0000008"]
+    base = AutoModelForCausalLM.from_pretrained(tiny["hf"])
+    tuned = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert tuned.peft_config["default"].r == TINY["lora_r"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_matches_one_process(tiny, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): a loadable adapter, and the same weights as one
+    process with the same global batch (the loss is the global batch's token mean)."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    steps = {"max_steps": 4, "eval_every": 4, "save_every": 100}
+    one = run_tiny(tiny, tmp_path / "one", **steps)
+    two = run_tiny(tiny, tmp_path / "two", gpus_per_node=2, batch_size=4, **steps)
+    assert one["processes"] == 1 and two["processes"] == 2 and two["strategy"] == "ddp"
+    assert two["tokens"] == one["tokens"]
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-3)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny["hf"]), tmp_path / "two" / "adapter"
+    )
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_on_cpu_trains(tiny, tmp_path):
+    metrics = run_tiny(
+        tiny, tmp_path, gpus_per_node=2, batch_size=4, strategy="fsdp", max_steps=4,
+        eval_every=2, save_every=2,
+    )  # fmt: skip
+    assert metrics["strategy"] == "fsdp" and metrics["processes"] == 2
+    heldout = read_loss(tmp_path / "loss.csv", "heldout")
+    assert heldout[-1][1] < heldout[0][1]
+    assert (tmp_path / "checkpoints" / "checkpoint-0000002" / "trainable.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_changed_settings_never_resume_an_old_checkpoint(tiny, tmp_path):
+    run_tiny(tiny, tmp_path, max_steps=6, save_every=4)
+    metrics = run_tiny(tiny, tmp_path, max_steps=6, save_every=4, learning_rate=0.005)
+    assert metrics["resumed_from_step"] is None
+    metrics = run_tiny(tiny, tmp_path, max_steps=6, save_every=4, learning_rate=0.005)
+    assert metrics["resumed_from_step"] == 4
+
+
+@pytest.mark.slow
+def test_merge_and_compare_the_tiny_model(tiny, tmp_path):
+    from llmpipe import manifest
+    from llmpipe.finetune.compare import compare
+    from llmpipe.finetune.merge import adapter_to_gguf, merge_adapter
+
+    run_tiny(tiny, tmp_path, max_steps=4, eval_every=4)
+    record = merge_adapter(
+        tiny["hf"], tmp_path / "adapter", tmp_path / "ft" / "hf", tmp_path / "ft" / "m.json",
+        model_id="tiny-ft", base_id="tiny", base_manifest=tiny["manifest"],
+    )  # fmt: skip
+    assert record["source"]["kind"] == "finetune" and record["model"] == "tiny-ft"
+    manifest.verify(tmp_path / "ft" / "hf", record, check_hash=True)
+    assert (tmp_path / "ft" / "hf" / "chat_template.jinja").is_file()
+    rows = compare(
+        base_hf=str(tiny["hf"]), tuned_hf=str(tmp_path / "ft" / "hf"), heldout=str(tiny["heldout"]),
+        base_id="tiny", tuned_id="tiny-ft", settings={"compare_examples": 8},
+        out_csv=str(tmp_path / "c.csv"), out_md=str(tmp_path / "c.md"),
+        out_predictions=str(tmp_path / "p.jsonl"),
+    )  # fmt: skip
+    assert [r["role"] for r in rows] == ["base", "tuned"]
+    assert rows[1]["perplexity"] < rows[0]["perplexity"]  # trained on this task
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 8
+    assert "| tuned | tiny-ft |" in (tmp_path / "c.md").read_text()
+    info = adapter_to_gguf(
+        tmp_path / "adapter", tiny["hf"], tmp_path / "a.gguf", tmp_path / "a.json"
+    )
+    assert info["n_tensors"] == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+
+
+def test_qlora_without_cuda_fails_fast(tmp_path):
+    """Asked for on a machine without CUDA, QLoRA stops before loading anything."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from llmpipe.finetune.runner import fail_fast
+
+    with pytest.raises(ResourceError, match="qlora needs a CUDA GPU"):
+        fail_fast({"method": "qlora"})
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"settings": {"method": "qlora"}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "llmpipe.finetune.train", "--spec", str(spec)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "qlora needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Interruption: SIGKILL mid-training, then resume from the checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_sigkill_then_resume_continues_from_the_checkpoint(smollm2_hf, tmp_path):
+    """The real model, small steps: killed after its first checkpoint, the rerun resumes there
+    and ends with exactly the loss curve and adapter of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from llmpipe.finetune.runner import write_spec
+
+    data = tmp_path / "data"
+    settings = {**ft.Settings().group(ft.DATA), "task_train_examples": 32}
+    ds.prepare(settings, data / "train.jsonl", data / "heldout.jsonl")
+    train = {
+        **ft.Settings().group(ft.TRAIN),
+        **TINY,
+        "learning_rate": 0.002,
+        "batch_size": 2,
+        "max_steps": 6,
+        "save_every": 2,
+        "eval_every": 3,
+        "eval_examples": 4,
+        "lora_r": 4,
+    }
+
+    def spec(name: str) -> Path:
+        out = tmp_path / name
+        return write_spec(
+            out / "spec.json", model_id="smollm2-ft", base_hf=str(smollm2_hf),
+            train=str(data / "train.jsonl"), heldout=str(data / "heldout.jsonl"),
+            settings=train, adapter=str(out / "adapter"), loss_csv=str(out / "loss.csv"),
+            metrics=str(out / "metrics.json"), checkpoints=str(out / "checkpoints"), threads=2,
+        )  # fmt: skip
+
+    env = launch.launch_env(2, 1)
+    cmd = [sys.executable, "-m", "llmpipe.finetune.train", "--spec"]
+    subprocess.run([*cmd, str(spec("whole"))], env=env, check=True, timeout=1200,
+                   capture_output=True)  # fmt: skip
+
+    killed = spec("killed")
+    proc = subprocess.Popen([*cmd, str(killed)], env=env, stderr=subprocess.PIPE)
+    first = tmp_path / "killed" / "checkpoints" / "checkpoint-0000002"
+    deadline = time.monotonic() + 1200
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "adapter").exists()
+
+    resumed = subprocess.run(
+        [*cmd, str(killed)], env=env, check=True, timeout=1200, capture_output=True, text=True
+    )
+    assert "resuming from" in resumed.stderr and "checkpoint-000000" in resumed.stderr
+    metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] in (2, 4)
+    whole, again = (
+        [(r[:4]) for r in (tmp_path / n / "loss.csv").read_text().splitlines()]
+        for n in ("whole", "killed")
+    )
+    assert read_loss(tmp_path / "killed" / "loss.csv", "train") == read_loss(
+        tmp_path / "whole" / "loss.csv", "train"
+    )
+    assert len(whole) == len(again)
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert all((a[k] - b[k]).abs().max() < 1e-6 for k in a)

@@ -1,0 +1,165 @@
+# evaluate: speed, hardware figures and quality loss of every model x variant x backend.
+# The prompts are farmed out: split into `farm.shards` shards (one job each), gathered by
+# `evaluate`. Quality: the backend's reference writes its log-probs once (llama-perplexity's
+# base-file format), every other variant is scored against them.
+
+
+scattergather:
+    farm=config["farm"]["shards"],
+
+
+rule split_prompts:
+    input:
+        prompts=config["prompts"],
+    output:
+        scatter.farm("results/eval/prompts/{scatteritem}.json"),
+    log:
+        "logs/split_prompts/split_prompts.log",
+    localrule: True
+    conda:
+        "../envs/llmpipe.yaml"
+    script:
+        "../scripts/split_prompts.py"
+
+
+rule bandwidth_probe:
+    output:
+        probe="results/eval/bandwidth/probe.json",
+    log:
+        "logs/bandwidth_probe/probe.log",
+    conda:
+        "../envs/llmpipe.yaml"
+    threads: EVAL["threads"]
+    resources:
+        mem_mb=EVAL["bandwidth_probe"]["size_mb"] + 1000,
+        runtime=10,
+    params:
+        size_mb=EVAL["bandwidth_probe"]["size_mb"],
+        repetitions=EVAL["bandwidth_probe"]["repetitions"],
+    script:
+        "../scripts/bandwidth_probe.py"
+
+
+rule evaluate_shard:
+    input:
+        unpack(get_eval_model),
+        shard="results/eval/prompts/{scatteritem}.json",
+        probe=get_eval_probe,
+    output:
+        result="results/eval/{model}/shards/{variant}-{backend}/{scatteritem}.json",
+    log:
+        "logs/evaluate_shard/{model}-{variant}-{backend}-{scatteritem}.log",
+    benchmark:
+        "benchmarks/evaluate_shard/{model}-{variant}-{backend}-{scatteritem}.tsv"
+    conda:
+        "../envs/llmpipe.yaml"
+    threads: EVAL["threads"]
+    resources:
+        mem_mb=get_eval_mem_mb("shard"),
+        runtime=get_eval_runtime("shard"),
+        gpu=get_eval_gpus("shard"),
+    params:
+        sampling=EVAL["sampling"],
+        settings=get_eval_settings,
+        stage=config["stage"],
+        bandwidth=get_eval_bandwidth,
+    script:
+        "../scripts/evaluate_shard.py"
+
+
+rule evaluate_reference:
+    input:
+        unpack(get_eval_model),
+        text=EVAL["text"],
+    output:
+        base=temp("results/eval/{model}/reference-{backend}.kld"),
+        result="results/eval/{model}/reference-{backend}.json",
+    log:
+        "logs/evaluate_reference/{model}-{backend}.log",
+    benchmark:
+        "benchmarks/evaluate_reference/{model}-{backend}.tsv"
+    conda:
+        "../envs/llmpipe.yaml"
+    threads: EVAL["threads"]
+    resources:
+        mem_mb=get_eval_mem_mb("reference"),
+        runtime=get_eval_runtime("reference"),
+        gpu=get_eval_gpus("reference"),
+    params:
+        variant=lambda wildcards: get_eval_reference(wildcards.backend),
+        n_ctx=EVAL["perplexity"]["n_ctx"],
+        chunks=EVAL["perplexity"]["chunks"],
+        settings=get_eval_settings,
+        stage=config["stage"],
+    script:
+        "../scripts/evaluate_reference.py"
+
+
+rule evaluate_quality:
+    input:
+        unpack(get_eval_model),
+        base="results/eval/{model}/reference-{backend}.kld",
+        reference="results/eval/{model}/reference-{backend}.json",
+    output:
+        result="results/eval/{model}/quality/{variant}-{backend}.json",
+    log:
+        "logs/evaluate_quality/{model}-{variant}-{backend}.log",
+    benchmark:
+        "benchmarks/evaluate_quality/{model}-{variant}-{backend}.tsv"
+    conda:
+        "../envs/llmpipe.yaml"
+    threads: EVAL["threads"]
+    resources:
+        mem_mb=get_eval_mem_mb("quality"),
+        runtime=get_eval_runtime("quality"),
+        gpu=get_eval_gpus("quality"),
+    params:
+        settings=get_eval_settings,
+        stage=config["stage"],
+    script:
+        "../scripts/evaluate_quality.py"
+
+
+rule evaluate:
+    input:
+        shards=gather.farm(
+            "results/eval/{{model}}/shards/{{variant}}-{{backend}}/{scatteritem}.json"
+        ),
+        quality=get_eval_quality,
+    output:
+        result="results/eval/{model}/{variant}-{backend}.json",
+        texts="results/eval/{model}/{variant}-{backend}.texts.jsonl",
+    log:
+        "logs/evaluate/{model}-{variant}-{backend}.log",
+    localrule: True
+    conda:
+        "../envs/llmpipe.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule evaluate_sweep:
+    input:
+        unpack(get_sweep_ggufs),
+    output:
+        tsv="results/eval/{model}/sweep-llama.cpp.tsv",
+        md="results/eval/{model}/sweep-llama.cpp.md",
+    log:
+        "logs/evaluate_sweep/{model}.log",
+    benchmark:
+        "benchmarks/evaluate_sweep/{model}.tsv"
+    conda:
+        "../envs/llmpipe.yaml"
+    threads: max(EVAL["sweep"]["threads"])
+    resources:
+        runtime=60,
+        gpu=1 if any(n != 0 for n in EVAL["sweep"]["n_gpu_layers"]) else 0,
+    params:
+        settings=EVAL["llama_cpp"],
+        threads=EVAL["sweep"]["threads"],
+        n_gpu_layers=EVAL["sweep"]["n_gpu_layers"],
+        n_prompt=EVAL["sweep"]["n_prompt"],
+        n_gen=EVAL["sweep"]["n_gen"],
+        repetitions=EVAL["sweep"]["repetitions"],
+    script:
+        "../scripts/evaluate_sweep.py"

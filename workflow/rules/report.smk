@@ -1,0 +1,47 @@
+# aggregate_stats: every eval JSON, GGUF record and job resource record of the run in one table
+# (results/stats/summary.csv), one page (summary.md: the seed's "??" figures filled in, the
+# quality table), the resources predicted vs measured (resources.csv) and plots. Bookkeeping on
+# the head node: `snakemake --report report.html` then shows them.
+
+
+rule aggregate_stats:
+    input:
+        evals=get_stats_eval_jsons,
+        records=get_stats_records,
+        losses=get_stats_loss_csvs,
+    output:
+        summary=report(
+            "results/stats/summary.csv",
+            caption="../report/summary_csv.rst",
+            category="Statistics",
+        ),
+        markdown=report(
+            "results/stats/summary.md",
+            caption="../report/summary_md.rst",
+            category="Statistics",
+        ),
+        resources=report(
+            "results/stats/resources.csv",
+            caption="../report/resources.rst",
+            category="Resources",
+        ),
+        plots=report(
+            directory("results/stats/plots"),
+            patterns=["{name}.png"],
+            caption="../report/plots.rst",
+            category="Plots",
+            labels={"figure": "{name}"},
+        ),
+        provenance="results/stats/provenance.json",
+    log:
+        "logs/aggregate_stats/aggregate_stats.log",
+    benchmark:
+        "benchmarks/aggregate_stats/aggregate_stats.tsv"
+    localrule: True
+    conda:
+        "../envs/llmpipe.yaml"
+    params:
+        losses=get_stats_loss_map,
+        eval_estimates=get_stats_eval_estimates,
+    script:
+        "../scripts/aggregate_stats.py"

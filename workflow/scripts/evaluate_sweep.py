@@ -1,0 +1,16 @@
+from llmpipe.evaluation.jobs import run_sweep
+from llmpipe.script import logged
+
+with logged(snakemake.log[0], snakemake.rule):
+    run_sweep(
+        model_id=snakemake.wildcards.model,
+        ggufs={k: v for k, v in snakemake.input.items()},
+        settings=snakemake.params.settings,
+        threads=snakemake.params.threads,
+        n_gpu_layers=snakemake.params.n_gpu_layers,
+        n_prompt=snakemake.params.n_prompt,
+        n_gen=snakemake.params.n_gen,
+        repetitions=snakemake.params.repetitions,
+        out_tsv=snakemake.output.tsv,
+        out_md=snakemake.output.md,
+    )

@@ -1,0 +1,26 @@
+from llmpipe.finetune.runner import run_finetune
+from llmpipe.finetune.settings import count_lines, estimate_options
+from llmpipe.resources import Usage
+from llmpipe.script import logged
+
+settings = snakemake.params.settings
+examples = count_lines(snakemake.input.train, 0)
+with (
+    logged(snakemake.log[0], snakemake.rule),
+    Usage.of_job(snakemake, **estimate_options(settings, examples)) as usage,
+):
+    run_finetune(
+        model_id=f"{snakemake.wildcards.model}-ft",
+        base_hf=snakemake.input.hf,
+        base_manifest=snakemake.input.manifest,
+        train=snakemake.input.train,
+        heldout=snakemake.input.heldout,
+        settings=settings,
+        adapter=snakemake.output.adapter,
+        loss_csv=snakemake.output.loss,
+        loss_png=snakemake.output.plot,
+        metrics=snakemake.output.metrics,
+        checkpoints=snakemake.params.checkpoints,
+        threads=snakemake.threads,
+        extra=usage.fields,
+    )
