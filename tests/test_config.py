@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, default_config, make_workdir, planned_jobs, snakemake
+from helpers import REPO, default_config, make_workdir, parse_job_stats, snakemake
 
 from llmpipe import config as cfg
 from llmpipe.errors import ConfigError
@@ -99,16 +99,28 @@ def test_bad_config_stops_snakemake_with_one_clear_message(tmp_path):
     assert not (workdir / "results").exists()
 
 
-def test_cluster_config_dry_run_lists_the_seed_models(tmp_path):
+def test_cluster_config_dry_run_lists_the_seed_models_with_gpu_requests(tmp_path):
+    """The cluster config through the Slurm profile, planned without network or a cluster."""
     workdir = make_workdir(tmp_path / "w")
-    (workdir / "config" / "config.yaml").write_text((REPO / "config" / "cluster.yaml").read_text())
     cluster = yaml.safe_load((REPO / "config" / "cluster.yaml").read_text())
+    (workdir / "config" / "cluster.yaml").write_text(yaml.safe_dump(cluster))
     schema_check(cluster)
     assert len(cluster["models"]) == 6
-    jobs = planned_jobs(workdir)
-    assert jobs["download"] == 6
-    assert jobs["convert_to_gguf"] == 6
-    assert jobs["quantize"] == 6 * len(cluster["quantize"]["types"])
+    done = snakemake(workdir, "-n", "--profile", str(REPO / "profiles" / "slurm"),
+                     "--configfile", "config/cluster.yaml")
+    out = done.stdout + done.stderr
+    jobs = parse_job_stats(out)
+    assert jobs["download"] == 6  # the seed's six models, not the default one merged in
+    n_tuned = len(cluster["finetune"]["enabled_for"])
+    assert jobs["convert_to_gguf"] == 6 + n_tuned
+    assert jobs["quantize"] == (6 + n_tuned) * len(cluster["quantize"]["types"])
+    # Each rule display ends with its resources; pick the fine-tune of the 13B model.
+    blocks = out.split("rule ")
+    tune_13b = next(b for b in blocks if b.startswith("finetune:") and "model=llama-2-13b" in b)
+    assert "gres=gpu:v100d32q:1" in tune_13b and "nodes=4" in tune_13b
+    assert "slurm_partition=gpu" in tune_13b
+    quantize = next(b for b in blocks if b.startswith("quantize:"))
+    assert "gres=" not in quantize
 
 
 def test_conda_env_pins_match_the_venv_requirements():

@@ -163,3 +163,24 @@ def test_scancel_is_reported_and_a_rerun_completes(default_run, cluster, tmp_pat
     for target in GGUF_TARGETS[1:]:
         ours = json.loads((workdir / target).read_text())
         assert ours["sha256"] == json.loads((default_run / target).read_text())["sha256"]
+
+
+def test_gpu_rule_asks_for_the_gres_and_cpu_rules_do_not(default_run, cluster, tmp_path):
+    """llama.cpp with every layer offloaded declares one GPU: Slurm must record gres/gpu=1 in
+    the gpu partition (the CPU build of llama.cpp runs such a job on the CPU, so it completes
+    on this GPU-less node)."""
+    workdir = copy_run(default_run, tmp_path / "w")
+    path = workdir / "config" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config.setdefault("evaluate", {}).setdefault("llama_cpp", {})["n_gpu_layers"] = -1
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    target = "results/eval/smollm2/reference-llama.cpp.json"
+    snakemake(
+        workdir, *profile_args(cluster), "--forcerun", "evaluate_reference", target, env=cluster.env
+    )
+    jobs = slurm_job_ids(workdir)
+    assert jobs.get("evaluate_reference"), jobs
+    for job_id in jobs["evaluate_reference"]:
+        record = cluster.job_resources(job_id)
+        assert record.gpus == 1 and record.alloc_tres.get("gres/gpu:v100d32q") == "1", record
+        assert record.scontrol.get("Partition", "gpu") == "gpu"

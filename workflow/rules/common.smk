@@ -397,7 +397,9 @@ def get_finetune_plan(wildcards, input, threads, attempt):
 def get_finetune_mem_mb(wildcards, input, threads, attempt):
     """Host memory of one node: the estimate for one process x the processes per node."""
     s = get_finetune_settings(wildcards)
-    return get_finetune_plan(wildcards, input, threads, attempt).mem_mb * s.gpus_per_node
+    return (
+        get_finetune_plan(wildcards, input, threads, attempt).mem_mb * s.gpus_per_node
+    )
 
 
 def get_finetune_runtime(wildcards, input, threads, attempt):
@@ -444,3 +446,51 @@ def get_compare_mem_mb(wildcards, input, attempt):
 
 def get_compare_gpus(wildcards):
     return 1 if get_finetune_settings(wildcards).device == "cuda" else 0
+
+
+# ---- Slurm placement and environment modules (profiles/slurm) ----------------------------------
+def get_modules(kind):
+    """Environment modules of a rule: the Python stack, plus llama.cpp's for llama.cpp rules."""
+    modules = list(config["envmodules"]["transformers"])
+    if kind == "llama_cpp":
+        modules += config["envmodules"]["llama_cpp"]
+    return modules
+
+
+def _call_with(fn, wildcards, input, threads, attempt):
+    """Call a resource function with the arguments it declares (Snakemake's own convention)."""
+    import inspect
+
+    given = dict(wildcards=wildcards, input=input, threads=threads, attempt=attempt)
+    names = inspect.signature(fn).parameters
+    return fn(**{name: given[name] for name in names if name in given})
+
+
+def get_gres(gpus):
+    """--gres for a rule's GPU count (a number or a resource function): gpu:<type>:<N>, or ""
+    (no gres at all) when it needs none. slurm.gpu_type is the one place the type is set.
+    """
+
+    def gres(wildcards, input, threads, attempt):
+        n = (
+            _call_with(gpus, wildcards, input, threads, attempt)
+            if callable(gpus)
+            else gpus
+        )
+        return f"gpu:{config['slurm']['gpu_type']}:{n}" if n else ""
+
+    return gres
+
+
+def get_partition(gpus):
+    """The GPU partition when the rule needs GPUs; else "" (the site's default partition)."""
+
+    def partition(wildcards, input, threads, attempt):
+        n = (
+            _call_with(gpus, wildcards, input, threads, attempt)
+            if callable(gpus)
+            else gpus
+        )
+        return config["slurm"]["gpu_partition"] if n else ""
+
+    return partition

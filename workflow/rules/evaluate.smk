@@ -18,6 +18,8 @@ rule split_prompts:
     localrule: True
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("transformers"),
     script:
         "../scripts/split_prompts.py"
 
@@ -29,6 +31,8 @@ rule bandwidth_probe:
         "logs/bandwidth_probe/probe.log",
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("transformers"),
     threads: EVAL["threads"]
     resources:
         mem_mb=EVAL["bandwidth_probe"]["size_mb"] + 1000,
@@ -53,11 +57,14 @@ rule evaluate_shard:
         "benchmarks/evaluate_shard/{model}-{variant}-{backend}-{scatteritem}.tsv"
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("llama_cpp"),
     threads: EVAL["threads"]
     resources:
         mem_mb=get_eval_mem_mb("shard"),
         runtime=get_eval_runtime("shard"),
-        gpu=get_eval_gpus("shard"),
+        gres=get_gres(get_eval_gpus("shard")),
+        slurm_partition=get_partition(get_eval_gpus("shard")),
     params:
         sampling=EVAL["sampling"],
         settings=get_eval_settings,
@@ -80,11 +87,14 @@ rule evaluate_reference:
         "benchmarks/evaluate_reference/{model}-{backend}.tsv"
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("llama_cpp"),
     threads: EVAL["threads"]
     resources:
         mem_mb=get_eval_mem_mb("reference"),
         runtime=get_eval_runtime("reference"),
-        gpu=get_eval_gpus("reference"),
+        gres=get_gres(get_eval_gpus("reference")),
+        slurm_partition=get_partition(get_eval_gpus("reference")),
     params:
         variant=lambda wildcards: get_eval_reference(wildcards.backend),
         n_ctx=EVAL["perplexity"]["n_ctx"],
@@ -108,11 +118,14 @@ rule evaluate_quality:
         "benchmarks/evaluate_quality/{model}-{variant}-{backend}.tsv"
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("llama_cpp"),
     threads: EVAL["threads"]
     resources:
         mem_mb=get_eval_mem_mb("quality"),
         runtime=get_eval_runtime("quality"),
-        gpu=get_eval_gpus("quality"),
+        gres=get_gres(get_eval_gpus("quality")),
+        slurm_partition=get_partition(get_eval_gpus("quality")),
     params:
         settings=get_eval_settings,
         stage=config["stage"],
@@ -134,6 +147,8 @@ rule evaluate:
     localrule: True
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("llama_cpp"),
     script:
         "../scripts/evaluate.py"
 
@@ -150,10 +165,15 @@ rule evaluate_sweep:
         "benchmarks/evaluate_sweep/{model}.tsv"
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("llama_cpp"),
     threads: max(EVAL["sweep"]["threads"])
     resources:
         runtime=60,
-        gpu=1 if any(n != 0 for n in EVAL["sweep"]["n_gpu_layers"]) else 0,
+        gres=get_gres(int(any(n != 0 for n in EVAL["sweep"]["n_gpu_layers"]))),
+        slurm_partition=get_partition(
+            int(any(n != 0 for n in EVAL["sweep"]["n_gpu_layers"]))
+        ),
     params:
         settings=EVAL["llama_cpp"],
         threads=EVAL["sweep"]["threads"],

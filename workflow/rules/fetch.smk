@@ -13,6 +13,8 @@ rule download:
     localrule: True
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("transformers"),
     resources:
         mem_mb=get_mem_mb("download"),
         runtime=get_runtime("download"),
@@ -38,6 +40,8 @@ rule cache_to_shm:
         "model_io"
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("transformers"),
     resources:
         mem_mb=get_mem_mb("cache_to_shm"),
         runtime=get_runtime("cache_to_shm"),

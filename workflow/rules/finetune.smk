@@ -17,6 +17,8 @@ rule finetune_data:
     localrule: True
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("transformers"),
     params:
         data=get_finetune_params("data"),
     script:
@@ -47,11 +49,14 @@ rule finetune:
         model=FINETUNE_BASE_REGEX,
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("transformers"),
     threads: 8
     resources:
         mem_mb=get_finetune_mem_mb,
         runtime=get_finetune_runtime,
-        gpu=get_finetune_gpus,
+        gres=get_gres(get_finetune_gpus),
+        slurm_partition=get_partition(get_finetune_gpus),
         nodes=get_finetune_nodes,
         # One torchrun per node; with several nodes the script calls srun itself.
         tasks=get_finetune_nodes,
@@ -79,6 +84,8 @@ rule merge_lora:
         model=FINETUNE_BASE_REGEX,
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("transformers"),
     threads: 2
     resources:
         mem_mb=get_merge_mem_mb,
@@ -104,6 +111,8 @@ rule lora_to_gguf:
         model=FINETUNE_BASE_REGEX,
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("llama_cpp"),
     resources:
         mem_mb=4000,
         runtime=30,
@@ -133,11 +142,14 @@ rule compare_finetune:
         model=FINETUNE_BASE_REGEX,
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("transformers"),
     threads: 2
     resources:
         mem_mb=get_compare_mem_mb,
         runtime=60,
-        gpu=get_compare_gpus,
+        gres=get_gres(get_compare_gpus),
+        slurm_partition=get_partition(get_compare_gpus),
     params:
         settings=get_finetune_params("compare"),
     script:

@@ -16,6 +16,8 @@ rule convert_to_gguf:
         "model_io"
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("transformers"),
     threads: 2
     resources:
         mem_mb=get_mem_mb("convert_to_gguf", outtype=config["convert"]["outtype"]),
@@ -41,6 +43,8 @@ rule quantize:
         "benchmarks/quantize/{model}-{quant}.tsv"
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("llama_cpp"),
     threads: 2
     resources:
         mem_mb=get_mem_mb("quantize", quant=get_quant, source=REFERENCE),

@@ -40,6 +40,8 @@ rule aggregate_stats:
     localrule: True
     conda:
         "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("transformers"),
     params:
         losses=get_stats_loss_map,
         eval_estimates=get_stats_eval_estimates,
