@@ -965,6 +965,28 @@ class SlurmUnavailable:
     reason: str
 
 
+def _stale_test_config(conf: Path) -> bool:
+    """A config this harness wrote whose controller no longer answers (its session was killed
+    before it could clean up)."""
+    try:
+        if not conf.read_text().startswith(MARKER):
+            return False
+    except OSError:
+        return False
+    try:
+        ping = subprocess.run(
+            ["scontrol", "ping"],
+            env={**os.environ, "SLURM_CONF": str(conf)},
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return "UP" not in ping.stdout
+
+
 def unavailable_reason() -> str | None:
     """Why no local cluster can run on this machine (installing the packages if needed)."""
     if os.geteuid() != 0:
@@ -997,6 +1019,9 @@ if pytest is not None:
         # Another session's cluster (a parallel pytest, the dev cluster) may own it: then this
         # cluster keeps its config private and the tests that need srun in a job skip.
         system = Path("/etc/slurm")
+        if _stale_test_config(system / "slurm.conf"):  # left by a killed session
+            for name in ("slurm.conf", "gres.conf", "cgroup.conf", "slurmdbd.conf"):
+                (system / name).unlink(missing_ok=True)
         ours = not (system / "slurm.conf").exists()
         cluster = LocalSlurmCluster(
             tmp_path_factory.mktemp("slurm"), conf_dir=system if ours else None

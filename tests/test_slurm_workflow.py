@@ -76,8 +76,7 @@ def test_model_chain_on_slurm_matches_the_local_run(default_run, cluster, tmp_pa
     snakemake(
         workdir,
         *profile_args(cluster),
-        "--forcerun",
-        "cache_to_shm",
+        "--forcerun=cache_to_shm",  # "=": the option takes a list, not the targets
         *GGUF_TARGETS,
         env=cluster.env,
     )
@@ -133,8 +132,7 @@ def test_scancel_is_reported_and_a_rerun_completes(default_run, cluster, tmp_pat
             "--directory",
             str(workdir),
             *profile_args(cluster),
-            "--forcerun",
-            "quantize",
+            "--forcerun=quantize",  # "=": the option takes a list, not the targets
             *GGUF_TARGETS[1:],
             # The profile retries a failed job once (as after an OOM kill); off here to see
             # the cancellation reported and the run stop.
@@ -176,7 +174,11 @@ def test_gpu_rule_asks_for_the_gres_and_cpu_rules_do_not(default_run, cluster, t
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     target = "results/eval/smollm2/reference-llama.cpp.json"
     snakemake(
-        workdir, *profile_args(cluster), "--forcerun", "evaluate_reference", target, env=cluster.env
+        workdir,
+        *profile_args(cluster),
+        "--forcerun=evaluate_reference",  # "=": the option takes a list, not the target
+        target,
+        env=cluster.env,
     )
     jobs = slurm_job_ids(workdir)
     assert jobs.get("evaluate_reference"), jobs
