@@ -45,10 +45,11 @@ def tiny_hf(tmp_path_factory) -> Path:
     return make_tiny_hf(tmp_path_factory.mktemp("tiny") / "tiny")
 
 
-@fault("a typo'd config key", "quantise: unknown key (expected one of: convert, hub, …)")
+@fault("a typo'd config key", "quantise: unknown key (expected one of: convert, …)")
 def test_typo_key():
     msg = config_error(lambda c: c.update(quantise={"types": ["Q8_0"]}))
-    assert msg.startswith("quantise: unknown key (expected one of: convert, hub,")
+    assert msg.startswith("quantise: unknown key (expected one of: convert,")
+    assert "quantize" in msg
     msg = config_error(lambda c: c["models"]["smollm2"].update(sorce="dir"))
     assert msg.startswith("models.smollm2.sorce: unknown key (expected one of: allow_pickle,")
 
