@@ -309,3 +309,28 @@ def test_catalogue_is_up_to_date():
 
 def test_markers_are_registered():
     assert "fault" in copy.deepcopy((REPO / "pyproject.toml").read_text())
+
+
+@fault("a malformed fine-tune JSONL line", "train.jsonl:2: not valid JSON")
+def test_malformed_jsonl_line(tmp_path):
+    from llmpipe.finetune.dataset import read_jsonl
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", \n')
+    with pytest.raises(SourceError, match=r"train.jsonl:2: not valid JSON"):
+        read_jsonl(data)
+    data.write_text('{"instruction": "a"}\n')
+    with pytest.raises(SourceError, match=r"train.jsonl:1: 'response' missing or empty"):
+        read_jsonl(data)
+
+
+@pytest.mark.workflow
+@fault("a prompt longer than the context", "prompt 1 has … tokens, more than …n_ctx=256 allows")
+def test_prompt_longer_than_context(smollm2_gguf):
+    from llmpipe.evaluation.llama_backend import LlamaSettings, generate, load
+    from llmpipe.evaluation.records import Sampling
+
+    llm = load(str(smollm2_gguf("Q4_K_M")), LlamaSettings(n_ctx=64, n_threads=2))
+    # llama.cpp rounds the context up to a multiple of 256
+    with pytest.raises(ConfigError, match=r"prompt 1 has \d+ tokens, more than .*n_ctx=256"):
+        generate(llm, [(0, "word " * 600)], Sampling(max_new_tokens=4))
