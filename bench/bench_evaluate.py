@@ -246,7 +246,8 @@ def part_roofline(run: Path, threads: int, tmp: Path) -> None:
         before = bandwidth.probe(threads)
         probe = tmp / "probe.json"
         probe.write_text(json.dumps(before))
-        rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, {}, threads, tmp, probe)
+        fixed = {"tune_threads": False}  # the same thread count as the probe
+        rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, fixed, threads, tmp, probe)
         after = bandwidth.probe(threads)
         peak = max(before["gb_s"], after["gb_s"])
         ratio = rec["achieved_gb_s"] / peak
@@ -284,7 +285,8 @@ def part_bench(run: Path, threads: int, tmp: Path) -> None:
     for variant in ("F16", "Q8_0", "Q4_K_M"):
         gguf = run / f"results/gguf/smollm2/smollm2-{variant}.gguf"
         first = llama_bench(gguf, threads)
-        rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, {}, threads, tmp)
+        fixed = {"tune_threads": False}  # the same threads as llama-bench
+        rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, fixed, threads, tmp)
         second = llama_bench(gguf, threads)
         ours = rec["decode_tokens"] / rec["decode_s"]
         theirs = (first + second) / 2
@@ -321,7 +323,8 @@ def part_ppl(run: Path, threads: int, tmp: Path, n_ctx: int = 512, chunks: int =
     gg = run / "results/gguf/smollm2"
     hf = run / "results/models/smollm2/hf"
     stage = {"root": str(tmp / "shm"), "verify": "size", "reserve_gb": 0}
-    common = {"model_id": "bench", "stage": stage, "settings": {}, "threads": threads}
+    settings = {"tune_threads": False}
+    common = {"model_id": "bench", "stage": stage, "settings": settings, "threads": threads}
     f16 = gg / "smollm2-F16.gguf"
     ours_base = tmp / "ours.kld"
     ref = jobs.write_reference(

@@ -105,7 +105,8 @@ def main() -> int:
             results[name].append(result)
             print(
                 f"{name:5s} #{i}: {result['tokens']} tokens in {result['train_seconds']:.1f} s "
-                f"= {result['tokens_per_s']:.1f} tokens/s, peak RSS {result['peak_rss_mb']:.0f} MiB",
+                f"= {result['tokens_per_s']:.1f} tokens/s, "
+                f"peak RSS {result['peak_rss_mb']:.0f} MiB",
                 flush=True,
             )
     med = {

@@ -106,8 +106,14 @@ def test_cluster_config_dry_run_lists_the_seed_models_with_gpu_requests(tmp_path
     (workdir / "config" / "cluster.yaml").write_text(yaml.safe_dump(cluster))
     schema_check(cluster)
     assert len(cluster["models"]) == 6
-    done = snakemake(workdir, "-n", "--profile", str(REPO / "profiles" / "slurm"),
-                     "--configfile", "config/cluster.yaml")
+    done = snakemake(
+        workdir,
+        "-n",
+        "--profile",
+        str(REPO / "profiles" / "slurm"),
+        "--configfile",
+        "config/cluster.yaml",
+    )
     out = done.stdout + done.stderr
     jobs = parse_job_stats(out)
     assert jobs["download"] == 6  # the seed's six models, not the default one merged in

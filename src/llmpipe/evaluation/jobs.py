@@ -245,7 +245,11 @@ def _shard_llama(path, prompts, samp, settings, threads, shape) -> _ShardRun:
     llm = lb.load(str(path), cfg)
     lb.warm_up(llm)
     load_s = time.perf_counter() - start
+    tuned = {"threads_used": cfg.n_threads, "step_s": {}}
     try:
+        if cfg.tune_threads:
+            tuned = lb.tune_threads(llm, cfg)
+            print(f"llama.cpp threads: {tuned}", flush=True)
         results = lb.generate(llm, prompts, samp)
         layers = lb.n_layers(llm)
     finally:
@@ -263,7 +267,11 @@ def _shard_llama(path, prompts, samp, settings, threads, shape) -> _ShardRun:
     ]
     return _ShardRun(
         device=_gpu_name() if on_gpu else "cpu",
-        settings=cfg.as_dict(),
+        settings={
+            **cfg.as_dict(),
+            "threads_used": tuned["threads_used"],
+            "thread_step_s": tuned["step_s"],
+        },
         load_s=load_s,
         gb_disk_to_device=Path(path).stat().st_size * share / figures.GB,
         weights=weights,

@@ -37,6 +37,7 @@ class LlamaSettings:
     kv_type: str = "f16"
     use_mmap: bool = True
     offload_kqv: bool = True
+    tune_threads: bool = True
 
     @classmethod
     def from_config(cls, section: dict, threads: int) -> LlamaSettings:
@@ -204,6 +205,37 @@ def warm_up(llm) -> None:
     finally:
         batch.close()
         _clear(llm)
+
+
+def tune_threads(llm, settings: LlamaSettings, steps: int = 8) -> dict:
+    """On the CPU, time ``steps`` decode steps with ``n_threads`` threads and with one, and keep
+    the faster for generation and prompts. llama.cpp's threads spin at every barrier: when
+    another process holds a core, two threads can be many times slower than one."""
+    import llama_cpp
+
+    if settings.uses_gpu or settings.n_threads <= 1:
+        return {"threads_used": settings.n_threads, "step_s": {}}
+    step_s = {}
+    batch = _Batch(1)
+    try:
+        for candidate in (settings.n_threads, 1):
+            llama_cpp.llama_set_n_threads(llm.ctx, candidate, candidate)
+            _clear(llm)
+            best = float("inf")
+            for pos in range(steps):
+                batch.fill([int(llama_cpp.llama_vocab_bos(vocab(llm)))], pos, None)
+                start = time.perf_counter()
+                _decode(llm, batch)
+                llama_cpp.llama_synchronize(llm.ctx)
+                best = min(best, time.perf_counter() - start)
+            step_s[candidate] = round(best, 5)
+    finally:
+        batch.close()
+        _clear(llm)
+    chosen = min(step_s, key=step_s.get)
+    threads_batch = settings.n_threads_batch if chosen == settings.n_threads else 1
+    llama_cpp.llama_set_n_threads(llm.ctx, chosen, threads_batch)
+    return {"threads_used": chosen, "step_s": step_s}
 
 
 def _sampler(llm, sampling: Sampling, seed: int, n_ctx: int):
