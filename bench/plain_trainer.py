@@ -76,15 +76,17 @@ def main(spec_path: str) -> None:
         train_dataset=rows,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(
         json.dumps(
             {
                 "tokens": tokens,
                 "train_seconds": seconds,
                 "tokens_per_s": tokens / seconds,
+                "train_cpu_seconds": cpu,
+                "tokens_per_cpu_s": tokens / cpu,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         )

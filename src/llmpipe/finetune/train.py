@@ -195,6 +195,7 @@ class Run:
         self.tokens = 0  # non-padding tokens trained on, all processes
         self.scored = 0  # of which scored (response) tokens
         self.train_seconds = 0.0  # forward/backward/optimizer time, excluding evals and saves
+        self.train_cpu_seconds = 0.0  # this process's CPU time in the same spans (all threads)
         self.sequence_tokens = 0  # sum over examples of their length (for attention FLOPs)
         self.examples = 0
 
@@ -204,6 +205,7 @@ class Run:
             "tokens": self.tokens,
             "scored": self.scored,
             "train_seconds": self.train_seconds,
+            "train_cpu_seconds": self.train_cpu_seconds,
             "sequence_tokens": self.sequence_tokens,
             "examples": self.examples,
         }
@@ -213,6 +215,7 @@ class Run:
         self.tokens = state["tokens"]
         self.scored = state["scored"]
         self.train_seconds = state["train_seconds"]
+        self.train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
         self.sequence_tokens = state["sequence_tokens"]
         self.examples = state["examples"]
 
@@ -352,7 +355,7 @@ def _train(spec: dict, s: Settings, device: str, precision: str, d: dd.Dist) -> 
 
     model.train()
     for step in range(first_step, total_steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         epoch, within = divmod(step, steps_per_epoch)
         order = ds.epoch_order(len(train_examples), s.seed, epoch)
         chunk = [order[(within * global_batch + i) % len(order)] for i in range(global_batch)]
@@ -388,6 +391,7 @@ def _train(spec: dict, s: Settings, device: str, precision: str, d: dd.Dist) -> 
         (total_loss,) = dd.all_sum(d, [loss_sum])
         train_loss = total_loss / max(global_scored, 1.0)
         run.train_seconds += time.perf_counter() - t0
+        run.train_cpu_seconds += time.process_time() - c0
         run.tokens += int(global_tokens)
         run.scored += int(global_scored)
         run.examples += int(n_examples)
@@ -495,6 +499,11 @@ def build_metrics(facts: dict, base_hf: str, s: Settings, run: Run, n_lora: int)
         "scored_tokens": run.scored,
         "train_seconds": round(run.train_seconds, 3),
         "tokens_per_s": round(run.tokens / max(run.train_seconds, 1e-9), 2),
+        # CPU time of process 0 only (a shared machine's load barely changes it):
+        "train_cpu_seconds": round(run.train_cpu_seconds, 3),
+        "tokens_per_cpu_s": round(
+            run.tokens / facts["processes"] / max(run.train_cpu_seconds, 1e-9), 2
+        ),
         "trainable_params": n_lora,
         "base_params": shape.n_params,
         "flops": {
