@@ -106,13 +106,14 @@ def main() -> int:
             results[name].append(result)
             print(
                 f"{name:5s} #{i}: {result['tokens']} tokens in {result['train_seconds']:.1f} s "
-                f"= {result['tokens_per_s']:.1f} tokens/s, "
-                f"peak RSS {result['peak_rss_mb']:.0f} MiB",
+                f"= {result['tokens_per_s']:.1f} tokens/s ({result['tokens_per_cpu_s']:.1f} per "
+                f"CPU-s), peak RSS {result['peak_rss_mb']:.0f} MiB",
                 flush=True,
             )
     med = {
         name: {
-            key: statistics.median(r[key] for r in rows) for key in ("tokens_per_s", "peak_rss_mb")
+            key: statistics.median(r[key] for r in rows)
+            for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")
         }
         for name, rows in results.items()
     }
