@@ -580,7 +580,7 @@ def resources_table(rows: Sequence[Mapping[str, Any]]) -> str:
     body = [
         [
             r["rule"],
-            (f"{r.get('model')} " if multi else "") + str(r.get("target") or "-"),
+            " ".join(filter(None, [r.get("model") if multi else "", r.get("target")])) or "-",
             _fmt(r.get("predicted_as_run_mb"), ".0f"),
             _fmt(r.get("measured_peak_mem_mb"), ".0f"),
             _fmt(r.get("mem_ratio"), ".2f"),
