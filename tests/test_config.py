@@ -136,3 +136,10 @@ def test_conda_env_pins_match_the_venv_requirements():
     lines = (REPO / "env" / "requirements.txt").read_text().splitlines()
     required = {line for line in lines if line and not line.startswith("#")}
     assert set(pip) - {"llama-cpp-python==0.3.36"} == required
+
+
+def test_prompt_tokens_bound_from_the_longest_prompts_size():
+    from llmpipe.config import prompt_tokens_bound
+
+    assert prompt_tokens_bound(["a" * 59, "short"]) == 21  # ceil(59 / 3) + 1 for BOS
+    assert prompt_tokens_bound(["é" * 3]) == 3  # UTF-8 bytes: 6 / 3 + 1

@@ -480,3 +480,55 @@ def test_module_entry_point_and_no_heavy_imports():
         check=True,
     )
     assert json.loads(run.stdout)["model"]["kv_heads"] == 1
+
+
+# ---- evaluation as the workflow runs it: short prompts, generation, flash attention ---------
+
+
+def test_llama_cpp_on_cpu_counts_the_cells_it_writes_on_a_gpu_what_it_allocates():
+    s = shape("smollm2-135m")  # 9 heads, vocab 49152, ffn 1536, hidden 576, KV 23,040 B/cell
+    laptop = est.cpu(cores=2)
+    short = dict(quant="Q8_0", seq_len=21, new_tokens=100, kv_type="f16")
+    # CPU: KV for the 121 cells used whatever n_ctx is; compute scratch for the 21-token prompt
+    cpu = est.evaluate_llama_cpp(s, hw=laptop, n_ctx=2048, flash_attn=True, **short)
+    assert cpu.detail["kv_cache_bytes"] == 121 * 23_040
+    # scratch per prompt token, logits for the one position generation needs
+    assert cpu.detail["compute_buffer_bytes"] == 4 * (21 * (2 * 1536 + 4 * 576) + 49152)
+    assert cpu.detail["logits_out_bytes"] == 2 * 49152 * 4
+    assert est.evaluate_llama_cpp(s, hw=laptop, n_ctx=8192, flash_attn=True, **short).detail[
+        "host_peak_bytes"
+    ] == pytest.approx(cpu.detail["host_peak_bytes"])
+    # without flash attention the scores (heads x context per token) come back
+    plain = est.evaluate_llama_cpp(s, hw=laptop, n_ctx=2048, flash_attn=False, **short)
+    assert plain.detail["compute_buffer_bytes"] == 4 * (21 * (9 * 121 + 3072 + 2304) + 49152)
+    # perplexity keeps the scored half's logits: 255 rows of a 512-token chunk
+    ppl = est.evaluate_llama_cpp(
+        s, hw=laptop, quant="F16", seq_len=511, new_tokens=1, n_ctx=512, outputs=255,
+        flash_attn=True,
+    )  # fmt: skip
+    assert ppl.detail["compute_buffer_bytes"] == 4 * (511 * (3072 + 2304) + 255 * 49152)
+    assert ppl.detail["logits_out_bytes"] == 2 * 255 * 49152 * 4
+    # GPU: the whole n_ctx of KV, and the buffer reserved for a 512-token micro-batch
+    gpu = est.evaluate_llama_cpp(s, hw=V100, n_ctx=2048, flash_attn=True, **short)
+    assert gpu.detail["kv_cache_bytes"] == 2048 * 23_040
+    assert gpu.detail["compute_buffer_bytes"] == 512 * 4 * (49152 + 2 * 1536 + 4 * 576)
+
+
+def test_generation_keeps_the_last_positions_logits_perplexity_all_of_them():
+    s = shape("llama-2-7b")
+    gen = est.evaluate_transformers(s, dtype="f16", batch=16, seq_len=32, full_logits=False)
+    ppl = est.evaluate_transformers(s, dtype="f16", batch=1, seq_len=512, full_logits=True)
+    assert gen.detail["logits_bytes"] == 16 * 32000 * (2 + 4 + 4)
+    assert ppl.detail["logits_bytes"] == 512 * 32000 * (2 + 4 + 4)
+
+
+def test_merge_holds_the_model_once_in_its_dtype():
+    s = shape("smollm2-135m")
+    m = est.merge(s, dtype="float16", a=est.CALIBRATED)
+    # 400 MiB torch process + 269,030,016 B of f16 weights + one f32 delta 576 x 1536 x 4
+    assert m.detail["host_peak_bytes"] == 400 * MIB + 269_030_016 + 884_736 * 4
+    assert m.mem_mb == math.ceil(m.detail["host_peak_bytes"] * 1.25 / MIB)
+    big = est.merge(shape("llama-2-13b"), dtype="float16")
+    assert big.mem_mb > 26_031_728_640 / MIB  # a 13B merge needs a big-memory node
+    with pytest.raises(ConfigError, match="merged dtype"):
+        est.merge(s, dtype="Q4_K_M")

@@ -116,8 +116,10 @@ def test_gguf_adapter_on_the_base_gguf_answers_like_the_tuned_model(default_run,
 
 
 def test_tuned_model_folder_comes_from_merge_lora_not_download(default_run, tmp_path):
+    # Remade on purpose, the tuned model's folder comes from merging the existing adapter: no
+    # download, no training; its own chain follows (convert, quantize, evaluate).
     run = copy_run(default_run, tmp_path / "run")
-    (run / "results/models/smollm2-ft/manifest.json").unlink()
-    jobs = planned_jobs(run, "--rerun-triggers", "mtime")
+    jobs = planned_jobs(run, "--forcerun=results/models/smollm2-ft/manifest.json")
     assert jobs.get("merge_lora") == 1 and "download" not in jobs and "finetune" not in jobs
-    assert jobs.get("convert_to_gguf") == 1  # the tuned model's chain follows
+    assert jobs.get("convert_to_gguf") == 1 and jobs.get("quantize") == 2
+    assert "cache_to_shm" in jobs and jobs.get("evaluate") == 4

@@ -112,8 +112,11 @@ def test_copy_of_a_finished_run_is_up_to_date(run_copy):
 
 def test_adding_a_quant_type_schedules_only_that_quantize(run_copy):
     edit_config(run_copy, lambda c: c["quantize"]["types"].append("Q6_K"))
+    config = yaml.safe_load((run_copy / "config" / "config.yaml").read_text())
+    # One new quantization per model in the run: the base models and their tuned <id>-ft.
+    n_models = len(config["models"]) + len(config["finetune"]["enabled_for"])
     jobs = planned_jobs(run_copy)
-    assert jobs.get("quantize") == 1
+    assert n_models == 2 and jobs.get("quantize") == n_models
     assert not any(jobs.get(rule) for rule in CHAIN[:3])
 
 

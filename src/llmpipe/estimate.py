@@ -1227,15 +1227,20 @@ def evaluate_transformers(
     new_tokens: int = 128,
     samples: int = 16,
     staged: bool = False,
+    full_logits: bool = True,
     a: Assumptions = DEFAULTS,
 ) -> Estimate:
     """Evaluation with transformers: ``samples`` prompts of ``seq_len`` tokens (default: fill
     the context, capped at 4096) in batches of ``batch``, each generating ``new_tokens``.
 
     GPU memory: weights in ``dtype`` (f16/bf16/f32, or bitsandbytes int8/nf4) + KV cache for
-    batch x (prompt + new tokens) + the widest layer's transient activations + full-sequence
-    logits (a perplexity pass keeps them in the dtype, upcast to fp32, and a fp32 log-softmax)
+    batch x (prompt + new tokens) + the widest layer's transient activations + logits: for every
+    position with ``full_logits`` (a perplexity pass keeps them in the dtype, upcast to fp32,
+    and a fp32 log-softmax), for the last one only in generation (``full_logits=False``)
     + per-GPU CUDA/framework overhead. Layers split across GPUs with ``device_map``.
+    Host memory: the process, the checkpoint's memory-mapped pages while it loads (resident,
+    from the RAM disk or the page cache) and, for a GPU, one tensor being converted to
+    ``dtype``; on a CPU everything, the load and the run one after the other.
     """
     fmt = normalize_format(dtype)
     if format_kind(fmt) == "gguf":
@@ -1245,7 +1250,7 @@ def evaluate_transformers(
     weights = weights_bytes(shape, fmt)
     kv = shape.kv_cache_bytes(seq_len + new_tokens, batch, b)
     act = batch * seq_len * shape.inference_activation_bytes_per_token(b, seq_len)
-    logits = batch * seq_len * shape.vocab * (b + 4 + 4)
+    logits = batch * (seq_len if full_logits else 1) * shape.vocab * (b + 4 + 4)
     alibi = batch * seq_len * shape.alibi_bytes_per_token(seq_len, b)
     dequant = (
         max(lin.d_in * lin.d_out for lin in shape.layer_linears()) * 2
@@ -1279,13 +1284,23 @@ def evaluate_transformers(
     base = a.framework_host_mb
     if not hw.is_gpu and a.torch_cpu_host_mb is not None:
         base = a.torch_cpu_host_mb
-    host_gpu_job = base * MIB + shape.largest_tensor_params * b + (weights if staged else 0)
+    checkpoint = weights_bytes(shape, _checkpoint_dtype(shape, None))
+    running = act + logits + alibi + dequant
+    if hw.is_gpu:
+        host_gpu_job = base * MIB + checkpoint + shape.largest_tensor_params * b
+        shardable, replicated = weights + kv, running
+    else:
+        # One process holds everything. The checkpoint's mapped pages are let go once it is
+        # loaded, before the first token: the peak is the larger of loading and running
+        # (measured on SmolLM2 f32: 1153 MiB for generation and perplexity alike, = the load).
+        host_gpu_job = base * MIB
+        shardable, replicated = weights + max(checkpoint, kv + running), 0
     return _place(
         "evaluate-transformers",
         hw,
         a,
-        shardable=weights + kv,
-        replicated=act + logits + alibi + dequant,
+        shardable=shardable,
+        replicated=replicated,
         host_gpu_job=host_gpu_job,
         seconds=seconds,
         shard_units=shape.n_layers,
@@ -1297,10 +1312,17 @@ def evaluate_transformers(
             "logits_bytes": logits,
             "alibi_bytes": alibi,
             "dequant_bytes": dequant,
+            "checkpoint_bytes": checkpoint,
             "load_s": load_s,
         }
         | times,
     )
+
+
+# The KL-divergence against stored reference log-probs (llmpipe.evaluation.metrics) works on
+# blocks of this many positions, holding this many float64 [block x vocab] arrays at once.
+KLD_BLOCK = 64
+KLD_ARRAYS = 4
 
 
 def evaluate_llama_cpp(
@@ -1313,16 +1335,31 @@ def evaluate_llama_cpp(
     new_tokens: int = 128,
     samples: int = 16,
     kv_type: str = "f16",
+    n_ctx: int | None = None,
+    flash_attn: bool = False,
+    outputs: int = 1,
+    kld_chunks: int = 0,
     staged: bool = False,
     a: Assumptions = DEFAULTS,
 ) -> Estimate:
     """Evaluation with llama.cpp (all layers offloaded on a GPU; split by layer over GPUs).
 
-    Memory: the GGUF's tensors + KV cache (``kv_type``, f16 by default) for batch x (prompt +
-    new) cells + the compute buffer, sized for ``llama_cpp_ubatch`` tokens: attention scores
-    (f32, heads x context per token, flash attention off) + f32 logits + MLP and residual
-    scratch. On a GPU the file is memory-mapped and copied to the GPU: host pages are
-    reclaimable page cache, so host memory is the process (+ the file when staged).
+    Memory: the GGUF's tensors + KV cache (``kv_type``, f16 by default) + the compute buffer:
+    per token of a micro-batch, attention scores (f32, heads x context; none with
+    ``flash_attn``) + MLP and residual scratch, and f32 logits for the ``outputs`` positions
+    whose logits are wanted per pass (1 in generation; the scored half of a chunk in
+    perplexity), which also fill llama.cpp's host output buffer and the caller's copy of it
+    (the RSS of llama.cpp's perplexity job measured 584 MiB; predicted 569). ``kld_chunks``:
+    chunks of a reference's log-probs read for the KL-divergence (llama-perplexity's
+    ``--kl-divergence-base`` format, uint16 per vocabulary entry, memory-mapped: every page read
+    stays resident) and compared in blocks of ``KLD_BLOCK`` positions in float64 (SmolLM2, 8
+    chunks: 725 MiB measured, 728 predicted). ``n_ctx`` is the context llama.cpp
+    allocates per sequence (default: prompt + new tokens). On a GPU the allocation is what
+    counts: KV for ``n_ctx`` cells and a compute buffer reserved for ``llama_cpp_ubatch`` tokens
+    at that context; the file is memory-mapped and copied to the GPU (host pages are page
+    cache), so host memory is the process (+ the file when staged). On a CPU only pages written
+    count: the KV cells and scratch that ``seq_len`` + ``new_tokens`` use, and the
+    memory-mapped GGUF, which is the weights themselves.
     """
     fmt = normalize_format(quant)
     if format_kind(fmt) == "bnb":
@@ -1330,10 +1367,26 @@ def evaluate_llama_cpp(
     seq_len = seq_len or default_eval_seq_len(shape, new_tokens)
     kv_b = bytes_per_weight(kv_type)
     gguf = gguf_bytes(shape, fmt)
-    n_ctx = batch * (seq_len + new_tokens)
-    kv = shape.kv_cache_bytes(seq_len + new_tokens, batch, kv_b)
-    ubatch = min(a.llama_cpp_ubatch, batch * seq_len)
-    compute = ubatch * 4 * (shape.n_heads * n_ctx + shape.vocab + 2 * shape.ffn + 4 * shape.hidden)
+    used = seq_len + new_tokens
+    allocated = max(n_ctx or 0, used)
+
+    def compute_buffer(tokens: int, context: int, logit_rows: int) -> int:
+        scores = 0 if flash_attn else shape.n_heads * context
+        return 4 * (tokens * (scores + 2 * shape.ffn + 4 * shape.hidden) + logit_rows * shape.vocab)
+
+    if hw.is_gpu:  # reserved for the worst case: a full micro-batch, every row's logits
+        kv = shape.kv_cache_bytes(allocated, batch, kv_b)
+        compute = compute_buffer(a.llama_cpp_ubatch, batch * allocated, a.llama_cpp_ubatch)
+    else:
+        tokens = min(a.llama_cpp_ubatch, batch * seq_len)
+        kv = shape.kv_cache_bytes(used, batch, kv_b)
+        compute = compute_buffer(tokens, batch * used, min(tokens, batch * outputs))
+    logits_out = 2 * batch * outputs * shape.vocab * 4  # output buffer + the caller's copy
+    kld = 0
+    if kld_chunks:
+        width = 2 * ((shape.vocab + 1) // 2) + 4  # uint16 words per position
+        kld = kld_chunks * outputs * width * 2 + KLD_BLOCK * shape.vocab * 8 * KLD_ARRAYS
+    cells = batch * (allocated if hw.is_gpu else used)
     times = _inference_seconds(
         shape,
         hw,
@@ -1349,16 +1402,16 @@ def evaluate_llama_cpp(
     load_s = gguf / _mb_s(a.shm_mb_s if staged else a.storage_mb_s)
     seconds = a.startup_s + load_s + times["prefill_s"] + times["decode_s"]
     notes = [
-        f"{fmt} GGUF {gguf / GIB:.1f} GiB, KV ({kv_type}) {kv / GIB:.2f} GiB for {n_ctx} cells"
+        f"{fmt} GGUF {gguf / GIB:.1f} GiB, KV ({kv_type}) {kv / GIB:.2f} GiB for {cells} cells"
     ]
-    if seq_len + new_tokens > shape.context:
+    if allocated > shape.context:
         notes.append(f"prompt + new tokens exceed the model's context ({shape.context})")
     base = a.tool_host_mb
     if not hw.is_gpu and a.llama_cpp_cpu_host_mb is not None:
         base = a.llama_cpp_cpu_host_mb
     # On the CPU llama.cpp memory-maps the GGUF and computes from the mapping: a staged copy
     # is the weights themselves, not a second copy. On a GPU the staged file stays on the host.
-    host_gpu_job = base * MIB + (gguf if staged and hw.is_gpu else 0)
+    host_gpu_job = base * MIB + logits_out + kld + (gguf if staged and hw.is_gpu else 0)
     return _place(
         "evaluate-llama.cpp",
         hw,
@@ -1373,6 +1426,8 @@ def evaluate_llama_cpp(
             "gguf_bytes": gguf,
             "kv_cache_bytes": kv,
             "compute_buffer_bytes": compute,
+            "logits_out_bytes": logits_out,
+            "kld_bytes": kld,
             "load_s": load_s,
         }
         | times,
@@ -1544,6 +1599,48 @@ def finetune(
     )
     gc = "on" if gradient_checkpointing else "off"
     return replace(est, step=f"{est.step} (gc {gc})")
+
+
+def merge(
+    shape: ModelShape,
+    *,
+    dtype: str = "f16",
+    lora_rank: int = 16,
+    a: Assumptions = DEFAULTS,
+) -> Estimate:
+    """PEFT's merge_and_unload of a LoRA adapter into the base, on the CPU, saved as safetensors.
+
+    The base is loaded in ``dtype``; each targeted matrix gets B @ A added in place (one
+    matrix-sized f32 delta at a time); saving streams the tensors out. The peak is the model
+    once plus the torch process (measured: 592 MiB for SmolLM2 in f16, 257 MiB of weights).
+    """
+    fmt = normalize_format(dtype)
+    if format_kind(fmt) != "float":
+        raise ConfigError(f"merged dtype {dtype!r}: expected f32, f16 or bf16")
+    weights = weights_bytes(shape, fmt)
+    delta = max(lin.d_in * lin.d_out for lin in shape.layer_linears()) * 4
+    base = a.torch_cpu_host_mb if a.torch_cpu_host_mb is not None else a.framework_host_mb
+    peak = base * MIB + weights + delta
+    adapter = shape.lora_params(lora_rank) * 4
+    seconds = (
+        a.startup_s
+        + (weights + adapter) / _mb_s(a.storage_mb_s)  # read the base and the adapter
+        + weights / _mb_s(a.storage_mb_s)  # write the merged model
+        + weights / _mb_s(a.hash_mb_s)  # the manifest's sha256
+    )
+    return Estimate(
+        step="merge",
+        mem_mb=_host_mb(peak, a),
+        runtime_min=_runtime_min(seconds, a),
+        disk_mb=math.ceil(weights / MIB),
+        notes=(f"{fmt} model {weights / GIB:.2f} GiB on the CPU",),
+        detail={
+            "weights_bytes": weights,
+            "delta_bytes": delta,
+            "runtime_s": seconds,
+            "host_peak_bytes": peak,
+        },
+    )
 
 
 def estimate_all(

@@ -5,15 +5,18 @@
     record["measured"] = mon.summary()        # peaks, means, samples
     mon.write_timeseries("….tsv")             # the time series, one row per sample
 
-Sampling runs on a daemon thread (psutil for this process and its children; NVML through
-``nvidia-smi``-free ``pynvml`` when importable, else torch.cuda's counters). The final peak RSS is
-also taken from the kernel's own high-water mark (``ru_maxrss``), which a sampler cannot miss.
+Sampling runs on a daemon thread (psutil for this process and its children; GPU memory of this
+process through NVML when ``pynvml`` is importable, else ``nvidia-smi``, else torch.cuda's
+counters). The final peak RSS is also taken from the kernel's own high-water mark
+(``ru_maxrss``), which a sampler cannot miss.
 """
 
 from __future__ import annotations
 
 import contextlib
 import resource
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -109,22 +112,73 @@ class ResourceMonitor:
         atomic.write_text(path, "\n".join(lines) + "\n")
 
 
+def _nvidia_smi_reader():
+    """GPU memory of this process and its children (summed over GPUs) and device 0's
+    utilisation, from ``nvidia-smi``; None where there is no NVIDIA driver. It sees what torch's
+    counters cannot: llama.cpp's CUDA buffers."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    me = psutil.Process()
+
+    def query(what: str) -> list[list[str]]:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-{what}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return [[f.strip() for f in line.split(",")] for line in out.strip().splitlines()]
+
+    def read() -> dict[str, float | None]:
+        try:
+            pids = {me.pid, *(c.pid for c in me.children(recursive=True))}
+            used = sum(
+                float(mb)
+                for pid, mb in query("compute-apps=pid,used_memory")
+                if pid.isdigit() and int(pid) in pids and mb.replace(".", "", 1).isdigit()
+            )
+            util = query("gpu=utilization.gpu")
+            pct = float(util[0][0]) if util and util[0][0].isdigit() else None
+        except (OSError, subprocess.SubprocessError, psutil.Error):
+            return {"gpu_mem_mb": None, "gpu_util_pct": None}
+        # In a container nvidia-smi may list no process of ours (other PID namespace): None.
+        return {"gpu_mem_mb": used or None, "gpu_util_pct": pct}
+
+    return read
+
+
 def _gpu_reader():
-    """A function returning GPU memory/utilisation of the visible device 0, or None without CUDA."""
+    """A function returning this job's GPU memory and device 0's utilisation, or None without
+    a GPU: NVML (per process), else nvidia-smi (per process), else torch's allocator counters."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        me = psutil.Process()
 
-        def read() -> dict[str, float]:
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-            return {"gpu_mem_mb": mem.used / 2**20, "gpu_util_pct": float(util.gpu)}
+        def read() -> dict[str, float | None]:
+            pids = {me.pid, *(c.pid for c in me.children(recursive=True))}
+            used = sum(
+                (p.usedGpuMemory or 0)
+                for h in handles
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+                if p.pid in pids
+            )
+            util = pynvml.nvmlDeviceGetUtilizationRates(handles[0]) if handles else None
+            return {
+                "gpu_mem_mb": used / 2**20 or None,
+                "gpu_util_pct": float(util.gpu) if util else None,
+            }
 
-        return read
-    except Exception:  # noqa: BLE001, S110 - no NVML library or no GPU: try torch below
+        if handles:
+            return read
+    except Exception:  # noqa: BLE001, S110 - no NVML library or no GPU: try nvidia-smi below
         pass
+    smi = _nvidia_smi_reader()
+    if smi is not None:
+        return smi
     torch = sys.modules.get("torch")  # never import torch just to find out there is no GPU
     if torch is not None and torch.cuda.is_available():
         return lambda: {

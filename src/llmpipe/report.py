@@ -244,6 +244,8 @@ def summary_rows(
         basis = "the job's own prediction"
         if isinstance(predicted, Mapping) and predicted.get("peak_mb") is not None:
             pred_peak, pred_request = predicted.get("peak_mb"), predicted.get("mem_mb")
+            if predicted.get("gpus"):  # on a GPU the number to compare is VRAM: peak per GPU
+                pred_peak = predicted.get("gpu_mem_mb")
         else:
             planned = eval_estimates.get(str(raw)) or eval_estimates.get(str(path))
             if planned:
@@ -291,6 +293,8 @@ def _model_of_record(path: Path, record: Mapping[str, Any]) -> str:
 def _benchmark(workdir: Path, rule: str, model: str, target: str) -> dict[str, float | None]:
     """Snakemake's own benchmark of the job (max_rss, s), where the file is there."""
     name = f"{model}-{target}" if target else model
+    if rule == "evaluate_reference":  # one per model and backend: {model}-{backend}.tsv
+        name = f"{model}-{target.rpartition('-')[2]}"
     path = workdir / "benchmarks" / rule / f"{name}.tsv"
     try:
         lines = path.read_text().splitlines()
@@ -305,7 +309,10 @@ def _benchmark(workdir: Path, rule: str, model: str, target: str) -> dict[str, f
 
 
 def _target(rule: str, path: Path, record: Mapping[str, Any], model: str) -> str:
-    """The variant a GGUF job made; empty for per-model jobs (download, staging, fine-tuning)."""
+    """The variant a GGUF job made or a perplexity job scored (with its backend); empty for
+    per-model jobs (download, staging, fine-tuning)."""
+    if rule in ("evaluate_reference", "evaluate_quality"):
+        return f"{record.get('variant')}-{record.get('backend')}"
     if rule not in ("convert_to_gguf", "quantize"):
         return ""
     if record.get("variant"):
@@ -328,7 +335,7 @@ def resource_rows(
         pred, meas = record.get("predicted"), record.get("measured")
         if not isinstance(pred, Mapping) or not isinstance(meas, Mapping):
             continue
-        rule = str(pred.get("step") or path.parent.parent.name)
+        rule = str(pred.get("rule") or pred.get("step") or path.parent.parent.name)
         model = _model_of_record(path, record)
         target = _target(rule, path, record, model)
         requested = pred.get("requested") or {}

@@ -57,6 +57,7 @@ FALLBACK: dict[str, tuple[int, int]] = {  # step -> (mem_mb, runtime minutes)
     "evaluate_llama_cpp": (16000, 120),
     "evaluate_transformers": (32000, 120),
     "finetune": (32000, 240),
+    "merge_lora": (32000, 60),
 }
 
 # Workflow step (the rule name) -> estimator function and the options it takes.
@@ -68,6 +69,7 @@ _ESTIMATORS: dict[str, Callable[..., est.Estimate]] = {
     "evaluate_llama_cpp": est.evaluate_llama_cpp,
     "evaluate_transformers": est.evaluate_transformers,
     "finetune": est.finetune,
+    "merge_lora": est.merge,
 }
 STEPS = tuple(_ESTIMATORS)
 
@@ -287,7 +289,7 @@ class Usage:
 
     def __init__(
         self,
-        step: str,
+        step: str | None,
         config_json: str | os.PathLike | None,
         options: Mapping[str, Any] | None = None,
         requested: Mapping[str, Any] | None = None,
@@ -299,12 +301,20 @@ class Usage:
         self.config_json = config_json
         self.options = dict(options or {})
         self.requested = dict(requested or {})
+        self.rule = step
         self.monitor = ResourceMonitor(interval=interval)
 
     @classmethod
-    def of_job(cls, smk: Any, config_json: str | os.PathLike | None = None, **options) -> Usage:
-        """For a Snakemake script: step = the rule, model from the wildcards, requested from
-        ``snakemake.resources`` and ``snakemake.threads``."""
+    def of_job(
+        cls,
+        smk: Any,
+        config_json: str | os.PathLike | None = None,
+        step: str | None = None,
+        **options,
+    ) -> Usage:
+        """For a Snakemake script: step = the rule (unless given: an evaluation rule plans with
+        its backend's step), model from the wildcards, requested from ``snakemake.resources``
+        and ``snakemake.threads``."""
         res = smk.resources
         requested = {
             "mem_mb": getattr(res, "mem_mb", None),
@@ -313,7 +323,9 @@ class Usage:
         }
         if config_json is None:
             config_json = model_config(smk.wildcards.model)
-        return cls(smk.rule, config_json, options, requested)
+        usage = cls(step or smk.rule, config_json, options, requested)
+        usage.rule = smk.rule
+        return usage
 
     def __enter__(self) -> Usage:
         self.monitor.__enter__()
@@ -324,7 +336,8 @@ class Usage:
 
     def fields(self, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``{"predicted": ..., "measured": ...}`` (+ ``"gpu"`` where there is one) for the
-        record; stops the sampler, so call it once the work is done."""
+        record; stops the sampler, so call it once the work is done. Without a step (a
+        benchmark's own run) there is no "predicted"."""
         self.monitor.stop()
         summary = self.monitor.summary()
         shm_mb = round(shm_written_bytes(record) / MIB, 1)
@@ -333,13 +346,16 @@ class Usage:
             "shm_mb": shm_mb,
             "peak_mem_mb": round((summary["peak_rss_mb"] or 0) + shm_mb, 1),
         }
-        try:
-            p = plan(self.step, self.config_json, **self.options)
-            predicted: dict[str, Any] = p.as_dict()
-        except Exception as err:  # noqa: BLE001 - a failed prediction must not fail the step
-            predicted = {"step": self.step, "error": str(err)}
-        predicted["requested"] = self.requested
-        out: dict[str, Any] = {"predicted": predicted, "measured": measured}
+        out: dict[str, Any] = {"measured": measured}
+        if self.step is not None:
+            predicted: dict[str, Any]
+            try:
+                predicted = plan(self.step, self.config_json, **self.options).as_dict()
+            except Exception as err:  # noqa: BLE001 - a failed prediction must not fail the step
+                predicted = {"step": self.step, "error": str(err)}
+            predicted["rule"] = self.rule
+            predicted["requested"] = self.requested
+            out = {"predicted": predicted, **out}
         if summary.get("peak_gpu_mem_mb") is not None or _has_gpu_driver():
             out["gpu"] = gpu_facts()
         return out

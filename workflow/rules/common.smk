@@ -68,9 +68,9 @@ def get_final_outputs():
 # For any rule:  mem_mb=get_mem_mb(STEP, **options), runtime=get_runtime(STEP, **options),
 # and for GPU rules the count: get_gpus(STEP, **options).
 # STEP: download, cache_to_shm, convert_to_gguf, quantize, evaluate_llama_cpp,
-# evaluate_transformers, finetune. Options are keyword arguments of the estimator function
-# (llmpipe.estimate.download/stage/convert/quantize/evaluate_llama_cpp/evaluate_transformers/
-# finetune); a value may be a function of the wildcards; hw="cpu" or "v100"; `threads` is the
+# evaluate_transformers, finetune, merge_lora. Options are keyword arguments of the estimator
+# function (llmpipe.estimate.download/stage/convert/quantize/evaluate_llama_cpp/
+# evaluate_transformers/finetune/merge); a value may be a function of the wildcards; hw="cpu" or "v100"; `threads` is the
 # rule's own. E.g. get_mem_mb("evaluate_llama_cpp", quant=get_variant, hw="cpu"),
 # get_mem_mb("finetune", method="lora", hw="v100", steps=100). The job's script records the same
 # prediction next to what it measured: llmpipe.resources.Usage.
@@ -129,7 +129,9 @@ EVAL = config["evaluate"]
 EVAL_BACKENDS = list(EVAL["backends"])
 EVAL_VARIANTS = {"llama.cpp": [REFERENCE, *QUANTS], "transformers": ["hf"]}
 EVAL_SECTION = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
-EVAL_PROMPTS = len(cfg.read_prompts(config["prompts"]))
+EVAL_PROMPT_LIST = cfg.read_prompts(config["prompts"])
+EVAL_PROMPTS = len(EVAL_PROMPT_LIST)
+EVAL_PROMPT_TOKENS = cfg.prompt_tokens_bound(EVAL_PROMPT_LIST)
 
 
 wildcard_constraints:
@@ -226,10 +228,15 @@ def get_eval_chunks():
 
 
 def get_eval_estimate(wildcards, kind):
-    """Estimator step and options of an evaluation job: kind is shard, reference or quality."""
+    """Estimator step and options of an evaluation job: kind is shard, reference or quality.
+
+    Generation (shard) jobs: the longest prompt's tokens (bounded from its size) and
+    max_new_tokens; perplexity jobs: one chunk of perplexity.n_ctx tokens, logits for each.
+    """
     backend = wildcards.backend
     gpu = is_eval_on_gpu(backend)
     ppl = kind != "shard"
+    chunk = EVAL["perplexity"]["n_ctx"]
     opts = {
         "hw": "v100" if gpu else "cpu",
         "staged": True,
@@ -237,19 +244,39 @@ def get_eval_estimate(wildcards, kind):
             get_eval_chunks() if ppl else -(-EVAL_PROMPTS // config["farm"]["shards"])
         ),
         "new_tokens": 1 if ppl else EVAL["sampling"]["max_new_tokens"],
+        "seq_len": chunk - 1 if ppl else EVAL_PROMPT_TOKENS,
     }
     if backend == "llama.cpp":
         variant = getattr(wildcards, "variant", get_eval_reference(backend))
-        seq = EVAL["perplexity"]["n_ctx"] if ppl else EVAL["llama_cpp"]["n_ctx"]
-        opts.update(quant=variant, kv_type=EVAL["llama_cpp"]["kv_type"], seq_len=seq)
+        opts.update(
+            quant=variant,
+            kv_type=EVAL["llama_cpp"]["kv_type"],
+            n_ctx=chunk if ppl else EVAL["llama_cpp"]["n_ctx"],
+            flash_attn=EVAL["llama_cpp"]["flash_attn"],
+            # logits kept per pass: the scored second half of a chunk (llama-perplexity's way)
+            outputs=chunk - 1 - chunk // 2 if ppl else 1,
+            kld_chunks=get_eval_chunks() if kind == "quality" else 0,
+        )
         return "evaluate_llama_cpp", opts
     dtype = EVAL["transformers"]["dtype"]
     if dtype == "auto":
         dtype = "float16" if gpu else "float32"
-    opts.update(dtype=dtype, batch=1 if ppl else EVAL["transformers"]["batch_size"])
-    if ppl:
-        opts["seq_len"] = EVAL["perplexity"]["n_ctx"]
+    opts.update(
+        dtype=dtype,
+        batch=1 if ppl else EVAL["transformers"]["batch_size"],
+        full_logits=ppl,
+    )
     return "evaluate_transformers", opts
+
+
+def get_eval_estimate_param(kind):
+    """Params callable: [step, options] of the job's prediction, recorded by its script next
+    to what it measured (llmpipe.resources.Usage)."""
+
+    def estimate(wildcards):
+        return list(get_eval_estimate(wildcards, kind))
+
+    return estimate
 
 
 def get_eval_mem_mb(kind):
@@ -292,10 +319,9 @@ def get_stats_eval_jsons(wildcards):
 
 
 def get_stats_records(wildcards):
-    """The records of the jobs that measured their resources (download, cache_to_shm,
-    convert_to_gguf, quantize, finetune), for every model and every evaluated GGUF variant.
-    A record without a prediction (a tuned model's manifest from merge_lora) is skipped.
-    """
+    """The records of the jobs that measured their resources (download or merge_lora,
+    cache_to_shm, convert_to_gguf, quantize, finetune, evaluate_reference, evaluate_quality),
+    for every model and every evaluated variant."""
     records = []
     for model in MODELS:
         records.append(f"results/models/{model}/manifest.json")
@@ -306,11 +332,19 @@ def get_stats_records(wildcards):
         model, variant, backend = STATS_EVAL_JSON.fullmatch(path).groups()
         if backend == "llama.cpp":
             records.append(f"results/gguf/{model}/{model}-{variant}.json")
+        # the perplexity jobs' records (the generation shards' are in the eval JSONs)
+        records.append(f"results/eval/{model}/reference-{backend}.json")
+        if variant != get_eval_reference(backend):
+            records.append(f"results/eval/{model}/quality/{variant}-{backend}.json")
     finetune_outputs = globals().get("get_finetune_outputs")
     # the finetune jobs' metrics carry their resources too
     if finetune_outputs is not None:
         names = [os.path.basename(p) for p in finetune_outputs()]
-        records += [p for p, n in zip(finetune_outputs(), names) if n == "metrics.json"]
+        records += [
+            p
+            for p, n in zip(finetune_outputs(), names)
+            if n in ("metrics.json", "comparison.json")
+        ]
     return list(dict.fromkeys(records))
 
 
@@ -380,6 +414,7 @@ def get_finetune_outputs():
             f"results/finetune/{model}/metrics.json",
             f"results/finetune/{model}/comparison.csv",
             f"results/finetune/{model}/comparison.md",
+            f"results/finetune/{model}/comparison.json",
         ]
         if ft.resolve(config, model).adapter_gguf:
             outputs.append(f"results/finetune/{model}/adapter-F16.gguf")
@@ -388,9 +423,7 @@ def get_finetune_outputs():
 
 def get_finetune_plan(wildcards, input, threads, attempt):
     """The estimator's prediction for a finetune job (llmpipe.estimate.finetune)."""
-    s = get_finetune_settings(wildcards)
-    examples = ft.count_lines(input.train, s.task_train_examples)
-    opts = ft.estimate_options(s, examples)
+    opts = ft.plan_options(get_finetune_settings(wildcards), input.train)
     return get_resource_plan("finetune", wildcards, threads, attempt, opts)
 
 
@@ -416,32 +449,26 @@ def get_finetune_nodes(wildcards):
     return get_finetune_settings(wildcards).nodes
 
 
-def get_hf_mb(input, name="manifest"):
-    """Size (MB) of a model folder from its manifest (0 before it exists: a dry run)."""
-    import json
-
-    try:
-        with open(getattr(input, name)) as fh:
-            return json.load(fh)["total_bytes"] / 1e6
-    except (OSError, AttributeError, KeyError, ValueError):
-        return 0
+def get_merge_dtype(wildcards):
+    return get_finetune_settings(wildcards).group("merge")["merged_dtype"]
 
 
-def get_merge_mem_mb(wildcards, input, attempt):
-    """The base in its dtype, the merge's fp32 deltas one matrix at a time, plus Python."""
-    return int((get_hf_mb(input) * 1.5 + 3000) * attempt)
+def get_compare_estimate(wildcards):
+    """[step, options]: compare_finetune plans as a transformers evaluation of the held-out
+    set (llmpipe.finetune.settings.compare_estimate_options)."""
+    heldout = f"results/finetune/{wildcards.model}/data/heldout.jsonl"
+    options = ft.compare_estimate_options(get_finetune_settings(wildcards), heldout)
+    return ["evaluate_transformers", options]
 
 
-def get_compare_mem_mb(wildcards, input, attempt):
-    """One model at a time, in fp32 on the CPU (2x an f16 folder), plus generation buffers."""
-    import json
+def get_compare_mem_mb(wildcards, input, threads, attempt):
+    step, options = get_compare_estimate(wildcards)
+    return get_resource_plan(step, wildcards, threads, attempt, options).mem_mb
 
-    try:
-        with open(os.path.join(str(input.base), "..", "manifest.json")) as fh:
-            mb = json.load(fh)["total_bytes"] / 1e6
-    except (OSError, KeyError, ValueError):
-        mb = 0
-    return int((mb * 2.5 + 3000) * attempt)
+
+def get_compare_runtime(wildcards, input, threads, attempt):
+    step, options = get_compare_estimate(wildcards)
+    return get_resource_plan(step, wildcards, threads, attempt, options).runtime_min
 
 
 def get_compare_gpus(wildcards):

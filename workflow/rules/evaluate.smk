@@ -70,6 +70,7 @@ rule evaluate_shard:
         settings=get_eval_settings,
         stage=config["stage"],
         bandwidth=get_eval_bandwidth,
+        estimate=get_eval_estimate_param("shard"),
     script:
         "../scripts/evaluate_shard.py"
 
@@ -101,6 +102,7 @@ rule evaluate_reference:
         chunks=EVAL["perplexity"]["chunks"],
         settings=get_eval_settings,
         stage=config["stage"],
+        estimate=get_eval_estimate_param("reference"),
     script:
         "../scripts/evaluate_reference.py"
 
@@ -129,6 +131,7 @@ rule evaluate_quality:
     params:
         settings=get_eval_settings,
         stage=config["stage"],
+        estimate=get_eval_estimate_param("quality"),
     script:
         "../scripts/evaluate_quality.py"
 

@@ -88,8 +88,8 @@ rule merge_lora:
         *get_modules("transformers"),
     threads: 2
     resources:
-        mem_mb=get_merge_mem_mb,
-        runtime=30,
+        mem_mb=get_mem_mb("merge_lora", dtype=get_merge_dtype),
+        runtime=get_runtime("merge_lora", dtype=get_merge_dtype),
     params:
         merge=get_finetune_params("merge"),
     script:
@@ -134,6 +134,7 @@ rule compare_finetune:
         ),
         markdown="results/finetune/{model}/comparison.md",
         predictions="results/finetune/{model}/predictions.jsonl",
+        record="results/finetune/{model}/comparison.json",
     log:
         "logs/compare_finetune/{model}.log",
     benchmark:
@@ -147,10 +148,11 @@ rule compare_finetune:
     threads: 2
     resources:
         mem_mb=get_compare_mem_mb,
-        runtime=60,
+        runtime=get_compare_runtime,
         gres=get_gres(get_compare_gpus),
         slurm_partition=get_partition(get_compare_gpus),
     params:
         settings=get_finetune_params("compare"),
+        estimate=get_compare_estimate,
     script:
         "../scripts/compare_finetune.py"

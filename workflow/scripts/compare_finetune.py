@@ -1,7 +1,12 @@
 from llmpipe.finetune.compare import compare
+from llmpipe.resources import Usage
 from llmpipe.script import logged
 
-with logged(snakemake.log[0], snakemake.rule):
+step, options = snakemake.params.estimate  # the plan this job's resources came from
+with (
+    logged(snakemake.log[0], snakemake.rule),
+    Usage.of_job(snakemake, step=step, **options) as usage,
+):
     compare(
         base_hf=snakemake.input.base,
         tuned_hf=snakemake.input.tuned,
@@ -12,5 +17,7 @@ with logged(snakemake.log[0], snakemake.rule):
         out_csv=snakemake.output.table,
         out_md=snakemake.output.markdown,
         out_predictions=snakemake.output.predictions,
+        out_json=snakemake.output.record,
         threads=snakemake.threads,
+        extra=usage.fields,
     )

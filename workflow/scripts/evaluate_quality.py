@@ -1,7 +1,12 @@
 from llmpipe.evaluation.jobs import model_source, run_quality
+from llmpipe.resources import Usage
 from llmpipe.script import logged
 
-with logged(snakemake.log[0], snakemake.rule):
+step, options = snakemake.params.estimate  # the plan this job's resources came from
+with (
+    logged(snakemake.log[0], snakemake.rule),
+    Usage.of_job(snakemake, step=step, **options) as usage,
+):
     run_quality(
         backend=snakemake.wildcards.backend,
         model_id=snakemake.wildcards.model,
@@ -13,4 +18,5 @@ with logged(snakemake.log[0], snakemake.rule):
         settings=snakemake.params.settings,
         threads=snakemake.threads,
         out=snakemake.output.result,
+        usage=usage,
     )

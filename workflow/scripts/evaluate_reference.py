@@ -1,7 +1,12 @@
 from llmpipe.evaluation.jobs import model_source, write_reference
+from llmpipe.resources import Usage
 from llmpipe.script import logged
 
-with logged(snakemake.log[0], snakemake.rule):
+step, options = snakemake.params.estimate  # the plan this job's resources came from
+with (
+    logged(snakemake.log[0], snakemake.rule),
+    Usage.of_job(snakemake, step=step, **options) as usage,
+):
     write_reference(
         backend=snakemake.wildcards.backend,
         model_id=snakemake.wildcards.model,
@@ -16,4 +21,5 @@ with logged(snakemake.log[0], snakemake.rule):
         threads=snakemake.threads,
         out_base=snakemake.output.base,
         out_json=snakemake.output.result,
+        usage=usage,
     )

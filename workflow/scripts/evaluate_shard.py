@@ -1,7 +1,12 @@
 from llmpipe.evaluation.jobs import model_source, run_shard
+from llmpipe.resources import Usage
 from llmpipe.script import logged
 
-with logged(snakemake.log[0], snakemake.rule):
+step, options = snakemake.params.estimate  # the plan this job's resources came from
+with (
+    logged(snakemake.log[0], snakemake.rule),
+    Usage.of_job(snakemake, step=step, **options) as usage,
+):
     run_shard(
         backend=snakemake.wildcards.backend,
         model_id=snakemake.wildcards.model,
@@ -15,4 +20,5 @@ with logged(snakemake.log[0], snakemake.rule):
         threads=snakemake.threads,
         bw=snakemake.params.bandwidth,
         out=snakemake.output.result,
+        usage=usage,
     )

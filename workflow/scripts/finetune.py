@@ -1,13 +1,12 @@
 from llmpipe.finetune.runner import run_finetune
-from llmpipe.finetune.settings import count_lines, estimate_options
+from llmpipe.finetune.settings import plan_options
 from llmpipe.resources import Usage
 from llmpipe.script import logged
 
 settings = snakemake.params.settings
-examples = count_lines(snakemake.input.train, 0)
 with (
     logged(snakemake.log[0], snakemake.rule),
-    Usage.of_job(snakemake, **estimate_options(settings, examples)) as usage,
+    Usage.of_job(snakemake, **plan_options(settings, snakemake.input.train)) as usage,
 ):
     run_finetune(
         model_id=f"{snakemake.wildcards.model}-ft",

@@ -1,7 +1,9 @@
 from llmpipe.finetune.merge import merge_adapter
+from llmpipe.resources import Usage
 from llmpipe.script import logged
 
-with logged(snakemake.log[0], snakemake.rule):
+dtype = snakemake.params.merge["merged_dtype"]
+with logged(snakemake.log[0], snakemake.rule), Usage.of_job(snakemake, dtype=dtype) as usage:
     merge_adapter(
         snakemake.input.hf,
         snakemake.input.adapter,
@@ -9,6 +11,7 @@ with logged(snakemake.log[0], snakemake.rule):
         snakemake.output.manifest,
         model_id=f"{snakemake.wildcards.model}-ft",
         base_id=snakemake.wildcards.model,
-        dtype=snakemake.params.merge["merged_dtype"],
+        dtype=dtype,
         base_manifest=snakemake.input.manifest,
+        extra=usage.fields,
     )

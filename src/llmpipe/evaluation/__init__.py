@@ -7,7 +7,6 @@ Modules, by role (heavy imports — torch, transformers, llama_cpp — only insi
 - ``figures``        FLOPs, bytes per decode token, achieved bandwidth and roofline from the
                      model's shape (``llmpipe.estimate.ModelShape``) and the measured times
 - ``bandwidth``      the CPU read-bandwidth probe and the GPU peak-bandwidth table
-- ``monitor``        peak RSS and peak GPU memory of a job
 - ``records``        sampling settings and one prompt's result
 - ``llama_backend``  llama.cpp (llama-cpp-python): load, generate, score chunks, bench
 - ``hf_backend``     transformers: batched generation, score chunks

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -20,8 +21,9 @@ from pathlib import Path
 
 from llmpipe import atomic, provenance
 from llmpipe.errors import PipelineError
-from llmpipe.evaluation import bandwidth, farm, figures, metrics, monitor
+from llmpipe.evaluation import bandwidth, farm, figures, metrics
 from llmpipe.evaluation.records import PromptResult, Sampling
+from llmpipe.resources import Usage
 from llmpipe.stage import read_source
 
 BACKENDS = ("llama.cpp", "transformers")
@@ -96,6 +98,15 @@ def stage_model(source: str, manifest: dict, stage: dict, name: str) -> tuple[Pa
 # --------------------------------------------------------------------------------------------
 
 
+def _measure(usage: Usage | None) -> tuple[Usage, contextlib.AbstractContextManager]:
+    """The job's resource usage: the script's ``Usage`` (already running, it also predicts),
+    else one of our own around the work that only measures (a benchmark's call)."""
+    if usage is not None:
+        return usage, contextlib.nullcontext()
+    own = Usage(None, None)
+    return own, own
+
+
 def split_prompts(prompts: str | os.PathLike, outputs: list[str]) -> None:
     farm.write_shards(prompts, outputs)
 
@@ -158,19 +169,23 @@ def run_shard(
     threads: int,
     bw: dict,
     out: str,
+    usage: Usage | None = None,
 ) -> dict:
-    """Generate the shard's prompts; write timings, token counts and hardware figures."""
+    """Generate the shard's prompts; write timings, token counts and hardware figures (and,
+    with the job's ``usage``, its predicted and measured resources)."""
     _check_backend(backend)
     started_at = time.time()
     prompts = farm.read_shard(shard)
     samp = Sampling.from_config(sampling)
     shape = figures.model_shape(hf_config)
+    usage, measuring = _measure(usage)
     path, staged = stage_model(source, manifest, stage, _stage_name(backend, model_id, variant))
-    with monitor.GpuMemorySampler() as gpu:
+    with measuring:
         if backend == "llama.cpp":
             run = _shard_llama(path, prompts, samp, settings, threads, shape)
         else:
             run = _shard_transformers(path, prompts, samp, settings, threads, shape)
+    resources = usage.fields()
     peak, peak_source = _peak_bandwidth(run.device, threads, bw)
     results = run.results
     decode_tokens = sum(r.decode_tokens for r in results)
@@ -210,8 +225,11 @@ def run_shard(
         ),
         "achieved_gb_s_max": max(per_prompt) if per_prompt else None,
         "peak_bandwidth_source": peak_source,
-        "peak_rss_mb": monitor.peak_rss_mb(),
-        "peak_vram_mb": run.extra.pop("peak_vram_mb", None) or gpu.peak_mb,
+        "peak_rss_mb": resources["measured"]["peak_rss_mb"],
+        # torch's own peak where it has one; else this process's memory as the driver sees it
+        "peak_vram_mb": (
+            run.extra.pop("peak_vram_mb", None) or resources["measured"]["peak_gpu_mem_mb"]
+        ),
         "weights": run.weights.as_dict(),
         "kv_bytes_per_position": run.kv_bytes_per_position,
         "settings": run.settings,
@@ -220,6 +238,7 @@ def run_shard(
         "prompts": [r.as_dict() for r in results],
     }
     record["generate_s"] = record["prefill_s"] + record["decode_s"]
+    record.update(resources)
     record["finished_at"] = time.time()
     record["provenance"] = provenance.collect(seed=samp.seed)
     atomic.write_json(out, record)
@@ -407,17 +426,19 @@ def write_reference(
     threads: int,
     out_base: str,
     out_json: str,
+    usage: Usage | None = None,
 ) -> dict:
     """The reference's perplexity, and its log-probs for the other variants' KL-divergence."""
     _check_backend(backend)
+    usage, measuring = _measure(usage)
     path, staged = stage_model(source, manifest, stage, _stage_name(backend, model_id, variant))
-    scorer = _Scorer(backend, path, settings, threads, n_ctx)
-    body = Path(text).read_text(encoding="utf-8")
-    tokens = scorer.tokenize(body)
-    chunks = metrics.make_chunks(tokens, n_ctx, max_chunks)
-    acc = metrics.Accumulator()
-    start = time.perf_counter()
-    with atomic.atomic_path(out_base) as tmp:
+    with measuring, atomic.atomic_path(out_base) as tmp:
+        scorer = _Scorer(backend, path, settings, threads, n_ctx)
+        body = Path(text).read_text(encoding="utf-8")
+        tokens = scorer.tokenize(body)
+        chunks = metrics.make_chunks(tokens, n_ctx, max_chunks)
+        acc = metrics.Accumulator()
+        start = time.perf_counter()
         writer = metrics.BaseFileWriter(tmp, scorer.n_vocab, chunks)
         try:
             for k, chunk in enumerate(chunks):
@@ -444,6 +465,7 @@ def write_reference(
         ),
         "load_source": staged["load_source"],
         "settings": scorer.settings(),
+        **usage.fields(),
         "provenance": provenance.collect(),
     }
     atomic.write_json(out_json, record)
@@ -482,26 +504,30 @@ def run_quality(
     settings: dict,
     threads: int,
     out: str,
+    usage: Usage | None = None,
 ) -> dict:
     """Perplexity and KL-divergence of ``variant`` against the reference's stored log-probs,
     on the very tokens the reference saw (those in the base file)."""
     _check_backend(backend)
     ref = json.loads(Path(reference).read_text())
+    usage, measuring = _measure(usage)
     base_file = metrics.read_base_file(base)
     path, staged = stage_model(source, manifest, stage, _stage_name(backend, model_id, variant))
-    scorer = _Scorer(backend, path, settings, threads, base_file.n_ctx)
-    if scorer.n_vocab != base_file.n_vocab:
-        raise PipelineError(
-            f"{variant} has a vocabulary of {scorer.n_vocab}, the reference {ref['variant']} of "
-            f"{base_file.n_vocab}: they cannot be compared token by token"
-        )
-    acc = metrics.Accumulator()
-    start = time.perf_counter()
-    for k, chunk in enumerate(base_file.chunks):
-        logits = scorer.logits(chunk)
-        acc.add(metrics.compare_to_base(logits, base_file.records[k], metrics.chunk_targets(chunk)))
-        _progress(k + 1, base_file.n_chunk, start)
-    seconds = time.perf_counter() - start
+    with measuring:
+        scorer = _Scorer(backend, path, settings, threads, base_file.n_ctx)
+        if scorer.n_vocab != base_file.n_vocab:
+            raise PipelineError(
+                f"{variant} has a vocabulary of {scorer.n_vocab}, the reference "
+                f"{ref['variant']} of {base_file.n_vocab}: they cannot be compared token by token"
+            )
+        acc = metrics.Accumulator()
+        start = time.perf_counter()
+        for k, chunk in enumerate(base_file.chunks):
+            logits = scorer.logits(chunk)
+            targets = metrics.chunk_targets(chunk)
+            acc.add(metrics.compare_to_base(logits, base_file.records[k], targets))
+            _progress(k + 1, base_file.n_chunk, start)
+        seconds = time.perf_counter() - start
     summary = metrics.quality_summary(acc.arrays())
     record = {
         "model": model_id,
@@ -515,6 +541,7 @@ def run_quality(
         "tok_s": base_file.chunks.size / seconds if seconds else None,
         "load_source": staged["load_source"],
         "settings": scorer.settings(),
+        **usage.fields(),
         "provenance": provenance.collect(),
     }
     atomic.write_json(out, record)
@@ -601,6 +628,9 @@ def gather(
         "texts": Path(out_texts).name,
         "provenance": first["provenance"],
     }
+    # The resources of the shard that used the most memory: its prediction and measurement.
+    worst = max(shard_records, key=lambda r: (r.get("measured") or {}).get("peak_mem_mb") or 0)
+    record.update({k: worst[k] for k in ("predicted", "measured") if k in worst})
     lines = [
         json.dumps(
             {k: p[k] for k in ("index", "prompt", "text", "prompt_tokens", "generated_tokens")}

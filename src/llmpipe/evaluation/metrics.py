@@ -33,9 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from llmpipe.estimate import KLD_BLOCK
+
 LOG_FLOOR = 16.0  # llama.cpp keeps (and scores) log-probs within 16 nats of the top one
 MAGIC = b"_logits_"
-ROW_BLOCK = 64  # rows per vectorised step (bounds memory for large vocabularies)
+# Rows per vectorised step (bounds memory for large vocabularies; the estimator plans with it).
+ROW_BLOCK = KLD_BLOCK
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 
 Both models are prompted identically (the tuned model's chat template is the base's, or the
 fallback template training used). Results: ``comparison.csv`` and ``comparison.md`` (one row per
-model) and ``predictions.jsonl`` (every held-out example with both models' answers).
+model), ``predictions.jsonl`` (every held-out example with both models' answers) and
+``comparison.json`` (both rows, settings, the job's resources, provenance).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
-from llmpipe import atomic
+from llmpipe import atomic, provenance
 from llmpipe.finetune import dataset as ds
 
 COLUMNS = (
@@ -122,9 +124,13 @@ def compare(
     out_csv: str,
     out_md: str,
     out_predictions: str,
+    out_json: str | None = None,
     threads: int | None = None,
+    extra: Callable[[dict], dict] | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate base and tuned on the held-out split; write the table and the predictions."""
+    """Evaluate base and tuned on the held-out set; write the table and the predictions, and
+    (``out_json``) a record of both rows with the settings, ``extra(record)``'s keys (the
+    job's predicted and measured resources) and the provenance."""
     import torch
 
     if threads:
@@ -157,6 +163,19 @@ def compare(
             line[f"{role}_correct"] = exact_match(predictions[i], r["response"])
         lines.append(json.dumps(line, ensure_ascii=False))
     atomic.write_text(out_predictions, "".join(line + "\n" for line in lines))
+    if out_json is not None:
+        record = {
+            "model": base_id,
+            "tuned": tuned_id,
+            "heldout": heldout,
+            "device": device,
+            "rows": rows,
+            "settings": dict(settings),
+        }
+        if extra is not None:
+            record.update(extra(record))
+        record["provenance"] = provenance.collect()
+        atomic.write_json(out_json, record)
     return rows
 
 

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from llmpipe import atomic, manifest, provenance
@@ -45,8 +46,13 @@ def merge_adapter(
     base_id: str,
     dtype: str = "float16",
     base_manifest: str | os.PathLike | None = None,
+    extra: Callable[[dict], dict] | None = None,
 ) -> dict:
-    """Merge ``adapter_dir`` into ``base_hf``; write ``out_hf`` and its manifest atomically."""
+    """Merge ``adapter_dir`` into ``base_hf``; write ``out_hf`` and its manifest atomically.
+
+    ``extra(record)``, called just before the manifest is written, returns keys merged into it
+    (the job's predicted and measured resources, as the download's manifest has them).
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -88,6 +94,8 @@ def merge_adapter(
         "seconds": round(time.perf_counter() - start, 3),
         "provenance": provenance.collect(),
     }
+    if extra is not None:
+        record.update(extra(record))
     atomic.write_json(manifest_path, record)
     return record
 

@@ -19,6 +19,7 @@ Imported by the Snakefile: standard library only.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -290,8 +291,13 @@ def target_modules(settings: Settings, model_type: str | None) -> list[str] | st
     return list(DEFAULT_TARGETS.get(model_type or "", ())) or "all-linear"
 
 
-def estimate_options(settings: Mapping[str, Any], train_examples: int) -> dict[str, Any]:
-    """Options of ``llmpipe.estimate.finetune`` (through ``llmpipe.resources``) for one job."""
+def estimate_options(
+    settings: Mapping[str, Any], train_examples: int, longest_tokens: int | None = None
+) -> dict[str, Any]:
+    """Options of ``llmpipe.estimate.finetune`` (through ``llmpipe.resources``) for one job.
+
+    Batches are padded to their longest example, so sequences are ``longest_tokens`` (when
+    known: ``DataSize.tokens``) capped at ``seq_len``."""
     s = from_dict(settings) if not isinstance(settings, Settings) else settings
     on_gpu = s.wants_cuda
     global_batch = s.batch_size * s.grad_accum * s.total_processes
@@ -305,7 +311,7 @@ def estimate_options(settings: Mapping[str, Any], train_examples: int) -> dict[s
         "dtype": dtype,
         "quant": s.qlora_quant,
         "micro_batch": s.batch_size,
-        "seq_len": s.seq_len,
+        "seq_len": min(s.seq_len, longest_tokens) if longest_tokens else s.seq_len,
         "lora_rank": s.lora_r,
         "steps": steps,
         "grad_accum": s.grad_accum,
@@ -313,10 +319,73 @@ def estimate_options(settings: Mapping[str, Any], train_examples: int) -> dict[s
     }
 
 
-def count_lines(path: str, fallback: int) -> int:
-    """Records in a JSONL file (its non-blank lines); ``fallback`` if it cannot be read yet."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return sum(1 for line in fh if line.strip())
-    except OSError:
-        return fallback
+# Tokens a chat template adds around one exchange (SmolLM2's, with its default system prompt,
+# adds 30; Llama-2's [INST] markers fewer): an upper bound for planning.
+TEMPLATE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class DataSize:
+    """What planning needs of a JSONL split before any tokenizer is loaded: its records and
+    its longest instruction and response in UTF-8 bytes (English BPE averages ~4 bytes per
+    token; the bounds below assume 3)."""
+
+    examples: int
+    prompt_bytes: int
+    response_bytes: int
+
+    @classmethod
+    def of(cls, path: str) -> DataSize | None:
+        """The split's size, or None when it cannot be read yet (a dry run)."""
+        examples, prompt, response = 0, 0, 0
+        try:
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        r = json.loads(line)
+                        examples += 1
+                        prompt = max(prompt, len(r["instruction"].encode()))
+                        response = max(response, len(r["response"].encode()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return cls(examples, prompt, response)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return -(-self.prompt_bytes // 3) + TEMPLATE_TOKENS
+
+    @property
+    def response_tokens(self) -> int:
+        return -(-self.response_bytes // 3) + 1  # + the end of turn
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.response_tokens
+
+
+def plan_options(settings: Mapping[str, Any], train: str) -> dict[str, Any]:
+    """``estimate_options`` from the training split itself (its records and longest one)."""
+    s = from_dict(settings) if not isinstance(settings, Settings) else settings
+    size = DataSize.of(train)
+    if size is None:
+        return estimate_options(s, s.task_train_examples)
+    return estimate_options(s, size.examples, size.tokens)
+
+
+def compare_estimate_options(settings: Mapping[str, Any], heldout: str) -> dict[str, Any]:
+    """Options of ``llmpipe.estimate.evaluate_transformers`` for compare_finetune: each model
+    (one at a time) generates answers to the held-out examples in batches, then scores every
+    example in one forward pass with the logits of every position."""
+    s = from_dict(settings) if not isinstance(settings, Settings) else settings
+    on_gpu = s.device == "cuda"
+    size = DataSize.of(heldout) or DataSize(s.task_heldout_examples, 256, 64)
+    examples = min(size.examples, s.compare_examples or size.examples)
+    return {
+        "hw": "v100" if on_gpu else "cpu",
+        "dtype": "f16" if on_gpu else "f32",
+        "batch": max(1, min(s.compare_batch_size, examples)),
+        "seq_len": size.tokens,
+        "new_tokens": size.response_tokens + 8,  # as compare: the longest answer + 8
+        "samples": 2 * max(1, examples),  # base, then tuned
+        "full_logits": True,
+    }
