@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llmpipe import atomic, manifest, provenance
+from llmpipe import atomic, manifest
 from llmpipe.errors import IntegrityError, SourceError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -260,15 +260,11 @@ def fetch_model(
             raise SourceError(f"models.{model_id}.source: unknown kind '{kind}'")
         check_hf_folder(tmp, allow_pickle, trust)
         files = manifest.build(tmp)
-    record = {
-        "model": model_id,
-        "source": origin,
-        **files,
-        "fingerprint": manifest.fingerprint(files),
-        "seconds": round(time.perf_counter() - start, 3),
-        "provenance": provenance.collect(),
-    }
-    if extra is not None:
-        record.update(extra(record))
-    atomic.write_json(manifest_path, record)
-    return record
+    return manifest.write_model_record(
+        manifest_path,
+        model_id=model_id,
+        origin=origin,
+        files=files,
+        seconds=time.perf_counter() - start,
+        extra=extra,
+    )

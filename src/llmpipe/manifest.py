@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from llmpipe.errors import IntegrityError
@@ -77,3 +78,30 @@ def verify(root: str | os.PathLike, manifest: dict, check_hash: bool = False) ->
 
 def load(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def write_model_record(
+    path: str | os.PathLike,
+    *,
+    model_id: str,
+    origin: dict,
+    files: dict,
+    seconds: float,
+    extra: Callable[[dict], dict] | None = None,
+) -> dict:
+    """A model folder's manifest.json, the one format every producer writes (download,
+    merge_lora): id, origin, files, fingerprint, time, ``extra(record)``'s keys, provenance."""
+    from llmpipe import atomic, provenance
+
+    record = {
+        "model": model_id,
+        "source": origin,
+        **files,
+        "fingerprint": fingerprint(files),
+        "seconds": round(seconds, 3),
+        "provenance": provenance.collect(),
+    }
+    if extra is not None:
+        record.update(extra(record))
+    atomic.write_json(path, record)
+    return record

@@ -10,8 +10,6 @@ the small JSON record as an output, never the RAM-disk path, which the head node
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import getpass
 import json
 import os
@@ -19,7 +17,6 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from llmpipe import atomic
@@ -44,18 +41,6 @@ def stage_dir(root: str | os.PathLike) -> Path:
 
 def current_job() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """Serialise stagers of the same copy (two jobs of one node may want it at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _usable(dest: Path, manifest: dict, verify: str) -> str | None:
@@ -100,7 +85,7 @@ def ensure_staged(
     base = stage_dir(root)
     dest = base / f"{name}-{mf.fingerprint(manifest)}"
     start = time.perf_counter()
-    with _lock(base / f".{dest.name}.lock"):
+    with atomic.file_lock(base / f".{dest.name}.lock"):
         reason = _usable(dest, manifest, verify)
         hit = reason is None
         if not hit:

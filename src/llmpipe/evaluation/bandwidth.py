@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import socket
@@ -74,17 +72,6 @@ def write_probe(out: str | os.PathLike, threads: int, size_mb: int, repetitions:
     return record
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def host_bandwidth(
     workflow_probe: str | os.PathLike | None,
     cache_dir: str | os.PathLike,
@@ -100,7 +87,7 @@ def host_bandwidth(
         if record.get("host") == host and record.get("threads") == threads:
             return record
     cached = Path(cache_dir) / f"{host}-t{threads}.json"
-    with _locked(Path(cache_dir) / f".{host}-t{threads}.lock"):
+    with atomic.file_lock(Path(cache_dir) / f".{host}-t{threads}.lock"):
         if cached.is_file():
             return json.loads(cached.read_text())
         return write_probe(cached, threads, size_mb, repetitions)

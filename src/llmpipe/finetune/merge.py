@@ -86,18 +86,14 @@ def merge_adapter(
         "r": adapter_config.get("r"),
         "dtype": dtype,
     }
-    record = {
-        "model": model_id,
-        "source": origin,
-        **files,
-        "fingerprint": manifest.fingerprint(files),
-        "seconds": round(time.perf_counter() - start, 3),
-        "provenance": provenance.collect(),
-    }
-    if extra is not None:
-        record.update(extra(record))
-    atomic.write_json(manifest_path, record)
-    return record
+    return manifest.write_model_record(
+        manifest_path,
+        model_id=model_id,
+        origin=origin,
+        files=files,
+        seconds=time.perf_counter() - start,
+        extra=extra,
+    )
 
 
 def lora_converter(llama_cpp_dir: Path = LLAMA_CPP_DIR) -> Path:
