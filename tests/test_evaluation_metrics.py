@@ -353,3 +353,11 @@ def test_sampling_seeds_per_prompt_and_counts():
     r = PromptResult(index=0, prompt="p", prompt_tokens=4, token_ids=[5, 6, 2], stop="eos")
     assert r.generated_tokens == 3 and r.decode_tokens == 2
     assert r.as_dict()["generated_tokens"] == 3
+
+
+def test_one_thread_replaces_the_configured_count_only_when_clearly_faster():
+    from llmpipe.evaluation.records import choose_threads
+
+    assert choose_threads({2: 0.100, 1: 0.095}, 2) == 2  # within the noise: keep 2
+    assert choose_threads({2: 0.100, 1: 0.080}, 2) == 1  # 20 % faster: a core is taken
+    assert choose_threads({4: 0.050}, 4) == 4

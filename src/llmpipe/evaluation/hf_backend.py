@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from llmpipe.errors import ConfigError, ResourceError
-from llmpipe.evaluation.records import PromptResult, Sampling
+from llmpipe.evaluation.records import PromptResult, Sampling, choose_threads
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -103,11 +103,14 @@ def warm_up(model, tokenizer, device: str) -> None:
     synchronize(device)
 
 
-def tune_threads(model, tokenizer, device: str, threads: int, rows: int) -> dict:
-    """On the CPU, time a few decode steps of a ``rows``-wide batch with ``threads`` threads and
-    with one, and keep the faster. torch's thread pool spins at every barrier; when another
-    process holds a core (a shared node, a busy laptop) two threads can be many times slower
-    than one. Returns the choice and the timings (recorded in the eval JSON)."""
+def tune_threads(
+    model, tokenizer, device: str, threads: int, rows: int, rounds: int = 3, steps: int = 3
+) -> dict:
+    """On the CPU, time decode steps of a ``rows``-wide batch with ``threads`` threads and with
+    one, alternating ``rounds`` times, and keep one thread only if it is clearly faster
+    (``choose_threads``). torch's thread pool spins at every barrier; when another process holds
+    a core (a shared node, a busy laptop) two threads can be many times slower than one.
+    Returns the choice and the best step times (recorded in the eval JSON)."""
     import torch
     from transformers import DynamicCache
 
@@ -115,25 +118,25 @@ def tune_threads(model, tokenizer, device: str, threads: int, rows: int) -> dict
         return {"threads_used": threads, "step_s": {}}
     ids = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
     ids = ids.repeat(max(rows, 1), 1)
-    step_s = {}
+    step_s = {threads: float("inf"), 1: float("inf")}
     with torch.inference_mode():
-        for candidate in (threads, 1):
-            torch.set_num_threads(candidate)
-            cache = DynamicCache(config=model.config)
-            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-            best = float("inf")
-            for pos in range(ids.shape[1], ids.shape[1] + 3):
-                start = time.perf_counter()
-                model(
-                    input_ids=ids[:, -1:],
-                    position_ids=torch.full((ids.shape[0], 1), pos),
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                best = min(best, time.perf_counter() - start)
-            step_s[candidate] = round(best, 5)
-    chosen = min(step_s, key=step_s.get)
+        for _ in range(rounds):
+            for candidate in (threads, 1):
+                torch.set_num_threads(candidate)
+                cache = DynamicCache(config=model.config)
+                model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+                for pos in range(ids.shape[1], ids.shape[1] + steps):
+                    start = time.perf_counter()
+                    model(
+                        input_ids=ids[:, -1:],
+                        position_ids=torch.full((ids.shape[0], 1), pos),
+                        cache=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+                    step_s[candidate] = min(step_s[candidate], time.perf_counter() - start)
+    step_s = {k: round(v, 5) for k, v in step_s.items()}
+    chosen = choose_threads(step_s, threads)
     torch.set_num_threads(chosen)
     return {"threads_used": chosen, "step_s": step_s}
 

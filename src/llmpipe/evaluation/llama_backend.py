@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from llmpipe.errors import ConfigError, PipelineError
-from llmpipe.evaluation.records import PromptResult, Sampling
+from llmpipe.evaluation.records import PromptResult, Sampling, choose_threads
 
 SPLIT_MODES = ("none", "layer", "row")
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
@@ -209,8 +209,9 @@ def warm_up(llm) -> None:
 
 def tune_threads(llm, settings: LlamaSettings, steps: int = 8) -> dict:
     """On the CPU, time ``steps`` decode steps with ``n_threads`` threads and with one, and keep
-    the faster for generation and prompts. llama.cpp's threads spin at every barrier: when
-    another process holds a core, two threads can be many times slower than one."""
+    one for generation and prompts only if it is clearly faster (``choose_threads``).
+    llama.cpp's threads spin at every barrier: when another process holds a core, two threads
+    can be many times slower than one."""
     import llama_cpp
 
     if settings.uses_gpu or settings.n_threads <= 1:
@@ -232,7 +233,7 @@ def tune_threads(llm, settings: LlamaSettings, steps: int = 8) -> dict:
     finally:
         batch.close()
         _clear(llm)
-    chosen = min(step_s, key=step_s.get)
+    chosen = choose_threads(step_s, settings.n_threads)
     threads_batch = settings.n_threads_batch if chosen == settings.n_threads else 1
     llama_cpp.llama_set_n_threads(llm.ctx, chosen, threads_batch)
     return {"threads_used": chosen, "step_s": step_s}

@@ -1,4 +1,5 @@
-"""Plain records shared by both backends: the sampling settings and one prompt's result."""
+"""Plain records shared by both backends: the sampling settings, one prompt's result, and the
+rule that picks the decode thread count from timed steps."""
 
 from __future__ import annotations
 
@@ -61,3 +62,15 @@ class PromptResult:
         out = asdict(self)
         out["generated_tokens"] = self.generated_tokens
         return out
+
+
+# One thread must beat the configured count by this much to replace it: a few timed steps on a
+# shared machine are noisy, and the configured count is what the job was given.
+ONE_THREAD_MARGIN = 0.10
+
+
+def choose_threads(step_s: dict[int, float], configured: int) -> int:
+    """The thread count to decode with, from the best step time of each candidate."""
+    if 1 in step_s and step_s[1] < step_s[configured] * (1 - ONE_THREAD_MARGIN):
+        return 1
+    return configured
