@@ -166,8 +166,9 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def prompt_tokens_bound(prompts: list[str], bytes_per_token: float = 3.0) -> int:
-    """Tokens of the longest prompt, from its UTF-8 size, for resource planning without a
-    tokenizer: English BPE averages ~4 bytes per token; 3 leaves room (+1 for BOS)."""
-    longest = max(len(p.encode("utf-8")) for p in prompts)
-    return int(-(-longest // bytes_per_token)) + 1
+def prompt_tokens_bound(prompts: list[str]) -> int:
+    """Tokens of the longest prompt (+1 for BOS), bounded from its UTF-8 size, for resource
+    planning without a tokenizer (``llmpipe.estimate.tokens_bound``)."""
+    from llmpipe.estimate import tokens_bound
+
+    return tokens_bound(max(len(p.encode("utf-8")) for p in prompts)) + 1

@@ -1171,6 +1171,16 @@ def quantize(
     )
 
 
+# Planning sizes text in tokens before any tokenizer is loaded: English BPE averages ~4 UTF-8
+# bytes per token; 3 leaves room.
+BYTES_PER_TOKEN = 3
+
+
+def tokens_bound(n_bytes: int) -> int:
+    """An upper bound on the tokens of ``n_bytes`` of UTF-8 text (no special tokens)."""
+    return -(-n_bytes // BYTES_PER_TOKEN)
+
+
 def default_eval_seq_len(shape: ModelShape, new_tokens: int) -> int:
     """Prompt length that fills the context window (capped at 4096) with ``new_tokens``."""
     return max(1, min(shape.context, 4096) - new_tokens)
@@ -1384,7 +1394,8 @@ def evaluate_llama_cpp(
     logits_out = 2 * batch * outputs * shape.vocab * 4  # output buffer + the caller's copy
     kld = 0
     if kld_chunks:
-        width = 2 * ((shape.vocab + 1) // 2) + 4  # uint16 words per position
+        # uint16 words per position, as llmpipe.evaluation.metrics.record_width (numpy-free here)
+        width = 2 * ((shape.vocab + 1) // 2) + 4
         kld = kld_chunks * outputs * width * 2 + KLD_BLOCK * shape.vocab * 8 * KLD_ARRAYS
     cells = batch * (allocated if hw.is_gpu else used)
     times = _inference_seconds(

@@ -294,6 +294,7 @@ class Usage:
         options: Mapping[str, Any] | None = None,
         requested: Mapping[str, Any] | None = None,
         interval: float = 0.5,
+        rule: str | None = None,
     ):
         from llmpipe.monitor import ResourceMonitor
 
@@ -301,7 +302,7 @@ class Usage:
         self.config_json = config_json
         self.options = dict(options or {})
         self.requested = dict(requested or {})
-        self.rule = step
+        self.rule = rule or step  # the rule whose job this is (it may plan as another step)
         self.monitor = ResourceMonitor(interval=interval)
 
     @classmethod
@@ -323,9 +324,7 @@ class Usage:
         }
         if config_json is None:
             config_json = model_config(smk.wildcards.model)
-        usage = cls(step or smk.rule, config_json, options, requested)
-        usage.rule = smk.rule
-        return usage
+        return cls(step or smk.rule, config_json, options, requested, rule=smk.rule)
 
     def __enter__(self) -> Usage:
         self.monitor.__enter__()

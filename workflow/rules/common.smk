@@ -72,10 +72,11 @@ def get_final_outputs():
 # STEP: download, cache_to_shm, convert_to_gguf, quantize, evaluate_llama_cpp,
 # evaluate_transformers, finetune, merge_lora. Options are keyword arguments of the estimator
 # function (llmpipe.estimate.download/stage/convert/quantize/evaluate_llama_cpp/
-# evaluate_transformers/finetune/merge); a value may be a function of the wildcards; hw="cpu" or "v100"; `threads` is the
-# rule's own. E.g. get_mem_mb("evaluate_llama_cpp", quant=get_variant, hw="cpu"),
-# get_mem_mb("finetune", method="lora", hw="v100", steps=100). The job's script records the same
-# prediction next to what it measured: llmpipe.resources.Usage.
+# evaluate_transformers/finetune/merge); a value may be a function of the wildcards;
+# hw="cpu" or "v100"; `threads` is the rule's own. E.g.
+# get_mem_mb("evaluate_llama_cpp", quant=get_variant, hw="cpu"),
+# get_mem_mb("finetune", method="lora", hw="v100", steps=100). The job's script records the
+# same prediction next to what it measured: llmpipe.resources.Usage.
 
 
 def get_resource_plan(step, wildcards, threads, attempt, options):

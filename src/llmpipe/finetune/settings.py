@@ -19,13 +19,16 @@ Imported by the Snakefile: standard library only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmpipe.errors import ConfigError
+from llmpipe.estimate import tokens_bound
 
 SUFFIX = "-ft"
 
@@ -327,8 +330,7 @@ TEMPLATE_TOKENS = 64
 @dataclass(frozen=True)
 class DataSize:
     """What planning needs of a JSONL split before any tokenizer is loaded: its records and
-    its longest instruction and response in UTF-8 bytes (English BPE averages ~4 bytes per
-    token; the bounds below assume 3)."""
+    its longest instruction and response in UTF-8 bytes (token bounds: ``tokens_bound``)."""
 
     examples: int
     prompt_bytes: int
@@ -336,31 +338,41 @@ class DataSize:
 
     @classmethod
     def of(cls, path: str) -> DataSize | None:
-        """The split's size, or None when it cannot be read yet (a dry run)."""
-        examples, prompt, response = 0, 0, 0
+        """The split's size, or None when it cannot be read yet (a dry run). Read once per
+        file version: the planner asks for every resource of every job."""
         try:
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        r = json.loads(line)
-                        examples += 1
-                        prompt = max(prompt, len(r["instruction"].encode()))
-                        response = max(response, len(r["response"].encode()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            stat = os.stat(path)
+        except OSError:
             return None
-        return cls(examples, prompt, response)
+        return _data_size(str(path), stat.st_mtime_ns, stat.st_size)
 
     @property
     def prompt_tokens(self) -> int:
-        return -(-self.prompt_bytes // 3) + TEMPLATE_TOKENS
+        return tokens_bound(self.prompt_bytes) + TEMPLATE_TOKENS
 
     @property
     def response_tokens(self) -> int:
-        return -(-self.response_bytes // 3) + 1  # + the end of turn
+        return tokens_bound(self.response_bytes) + 1  # + the end of turn
 
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.response_tokens
+
+
+@functools.lru_cache(maxsize=64)
+def _data_size(path: str, mtime_ns: int, size: int) -> DataSize | None:
+    examples, prompt, response = 0, 0, 0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    r = json.loads(line)
+                    examples += 1
+                    prompt = max(prompt, len(r["instruction"].encode()))
+                    response = max(response, len(r["response"].encode()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return DataSize(examples, prompt, response)
 
 
 def plan_options(settings: Mapping[str, Any], train: str) -> dict[str, Any]:
