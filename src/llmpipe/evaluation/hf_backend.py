@@ -3,9 +3,11 @@
 Not the seed's loop (model moved to the device and one prompt generated per iteration): prompts
 are sorted by length and generated ``batch_size`` at a time with left padding and attention
 masks, under ``torch.inference_mode``, by a decode loop that drops a sequence from the batch
-(and its KV cache rows) as soon as it ends, so no step is spent on finished sequences. Sampling
-uses transformers' own logits processors (repetition penalty, temperature, top-k, top-p).
-dtype/device from config: fp16 on CUDA (V100 has no bf16), fp32 on CPU.
+(and its KV cache rows) as soon as it ends, so no step is spent on finished sequences. The
+forward passes go through a decoder (``decoders``: transformers' own forward, or the packed CPU
+decoder for Llama-family models in fp32). Sampling: transformers' repetition penalty and top-p
+warpers; temperature and top-k on the k best logits only. dtype/device from config: fp16 on
+CUDA (V100 has no bf16), fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class HFSettings:
     batch_size: int = 16
     attn_implementation: str = "sdpa"
     tune_threads: bool = True
+    cpu_packed_decode: bool = True
     threads: int = 2
 
     @classmethod
@@ -104,7 +107,7 @@ def warm_up(model, tokenizer, device: str) -> None:
 
 
 def tune_threads(
-    model, tokenizer, device: str, threads: int, rows: int, rounds: int = 3, steps: int = 3
+    decoder, tokenizer, device: str, threads: int, rows: int, rounds: int = 3, steps: int = 3
 ) -> dict:
     """On the CPU, time decode steps of a ``rows``-wide batch with ``threads`` threads and with
     one, alternating ``rounds`` times, and keep one thread only if it is clearly faster
@@ -112,28 +115,22 @@ def tune_threads(
     a core (a shared node, a busy laptop) two threads can be many times slower than one.
     Returns the choice and the best step times (recorded in the eval JSON)."""
     import torch
-    from transformers import DynamicCache
 
     if device != "cpu" or threads <= 1:
         return {"threads_used": threads, "step_s": {}}
     ids = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
     ids = ids.repeat(max(rows, 1), 1)
+    mask = torch.ones_like(ids)
+    positions = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
     step_s = {threads: float("inf"), 1: float("inf")}
     with torch.inference_mode():
         for _ in range(rounds):
             for candidate in (threads, 1):
                 torch.set_num_threads(candidate)
-                cache = DynamicCache(config=model.config)
-                model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+                decoder.start(ids, mask, positions, ids.shape[1] + steps)
                 for pos in range(ids.shape[1], ids.shape[1] + steps):
                     start = time.perf_counter()
-                    model(
-                        input_ids=ids[:, -1:],
-                        position_ids=torch.full((ids.shape[0], 1), pos),
-                        cache=cache,
-                        use_cache=True,
-                        logits_to_keep=1,
-                    )
+                    decoder.step(ids[:, -1], torch.full((ids.shape[0],), pos))
                     step_s[candidate] = min(step_s[candidate], time.perf_counter() - start)
     step_s = {k: round(v, 5) for k, v in step_s.items()}
     chosen = choose_threads(step_s, threads)
@@ -172,30 +169,43 @@ def bos_for_chunks(tokenizer) -> int | None:
     return bos if with_special and with_special[0] == bos else None
 
 
-def _processors(sampling: Sampling):
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+def _penalty(sampling: Sampling):
+    """transformers' repetition penalty processor, or None when it is off."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    procs = LogitsProcessorList()
-    if sampling.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-    if not sampling.greedy:
-        procs.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_k > 0:
-            procs.append(TopKLogitsWarper(sampling.top_k))
-        if sampling.top_p < 1.0:
-            procs.append(TopPLogitsWarper(sampling.top_p))
-    return procs
+    if sampling.repetition_penalty == 1.0:
+        return None
+    return RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
+
+
+def _next_tokens(logits, seqs, sampling: Sampling, penalty, generator):
+    """One token per row: the repetition penalty, then the argmax (greedy) or temperature,
+    top-k, top-p and a draw. With top-k only the k best logits go on (the softmax over the
+    survivors is the softmax over the masked vocabulary); top-p is transformers' warper."""
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    if penalty is not None:
+        logits = penalty(seqs, logits)
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    if sampling.top_k > 0:
+        scores, index = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1)
+    else:
+        scores, index = logits, None
+    scores = scores / sampling.temperature
+    if sampling.top_p < 1.0:
+        scores = TopPLogitsWarper(sampling.top_p)(seqs, scores)
+    if index is None:
+        return _sample(scores, generator)
+    pick = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
+    return index.gather(-1, pick).squeeze(1)
 
 
 def _sample(scores, generator):
-    """One token per row from softmax(scores). After top-k/top-p most scores are -inf: draw
-    among the survivors only (multinomial over the whole vocabulary costs ~1 ms per row)."""
+    """One token per row from softmax(scores) over the whole vocabulary. After top-p most
+    scores are -inf: draw among the survivors only (a multinomial over the whole vocabulary
+    costs ~1 ms per row)."""
     import torch
 
     alive = int(torch.isfinite(scores).sum(dim=-1).max())
@@ -219,6 +229,7 @@ class BatchRecord:
 
 
 def generate(
+    decoder,
     model,
     tokenizer,
     device: str,
@@ -226,23 +237,23 @@ def generate(
     sampling: Sampling,
     batch_size: int,
 ) -> tuple[list[PromptResult], list[BatchRecord]]:
-    """All prompts, ``batch_size`` at a time (sorted by length, so padding stays small)."""
+    """All prompts, ``batch_size`` at a time (sorted by length, so padding stays small), through
+    ``decoder`` (``decoders.make_decoder``)."""
     tokenized = [(index, prompt, tokenize(tokenizer, prompt)) for index, prompt in prompts]
     tokenized.sort(key=lambda item: len(item[2]))
     results: list[PromptResult] = []
     batches: list[BatchRecord] = []
     for start in range(0, len(tokenized), max(batch_size, 1)):
         part = tokenized[start : start + batch_size]
-        done, record = _generate_batch(model, tokenizer, device, part, sampling)
+        done, record = _generate_batch(decoder, model, tokenizer, device, part, sampling)
         results.extend(done)
         batches.append(record)
     results.sort(key=lambda r: r.index)
     return results, batches
 
 
-def _generate_batch(model, tokenizer, device, part, sampling: Sampling):
+def _generate_batch(decoder, model, tokenizer, device, part, sampling: Sampling):
     import torch
-    from transformers import DynamicCache
 
     eos = eos_ids(model, tokenizer)
     pad = pad_id(model, tokenizer)
@@ -255,30 +266,20 @@ def _generate_batch(model, tokenizer, device, part, sampling: Sampling):
         mask[row, width - len(ids) :] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    procs = _processors(sampling)
+    penalty = _penalty(sampling)
     generator = torch.Generator(device=device).manual_seed(sampling.prompt_seed(part[0][0]))
     active = torch.arange(rows, device=device)  # batch row -> index into `part`
     generated: list[list[int]] = [[] for _ in part]
     seqs = input_ids  # what the repetition penalty sees: prompt + generated, per active row
-    cache = DynamicCache(config=model.config)
     steps = 0
     with torch.inference_mode():
         start = time.perf_counter()
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :].float()
+        logits = decoder.start(input_ids, mask, positions, width + sampling.max_new_tokens)
         synchronize(device)
         prefilled = time.perf_counter()
         last_pos = positions[:, -1]
         while True:
-            scores = procs(seqs, logits)
-            nxt = scores.argmax(dim=-1) if sampling.greedy else _sample(scores, generator)
+            nxt = _next_tokens(logits, seqs, sampling, penalty, generator)
             nxt_list = nxt.tolist()
             finished = []
             for slot, (row, tok) in enumerate(zip(active.tolist(), nxt_list, strict=True)):
@@ -292,21 +293,13 @@ def _generate_batch(model, tokenizer, device, part, sampling: Sampling):
                 keep = torch.tensor(
                     [s for s in range(len(nxt_list)) if s not in gone], device=device
                 )
-                cache.batch_select_indices(keep)
-                active, nxt, mask = active[keep], nxt[keep], mask[keep]
+                decoder.keep(keep)
+                active, nxt = active[keep], nxt[keep]
                 seqs, last_pos = seqs[keep], last_pos[keep]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last_pos = last_pos + 1
-            seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-            out = model(
-                input_ids=nxt[:, None],
-                attention_mask=mask,
-                position_ids=last_pos[:, None],
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = out.logits[:, -1, :].float()
+            if penalty is not None:
+                seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+            logits = decoder.step(nxt, last_pos)
             steps += 1
         synchronize(device)
         finished_at = time.perf_counter()

@@ -315,20 +315,22 @@ def _gpu_name() -> str:
 
 def _shard_transformers(path, prompts, samp, settings, threads, shape) -> _ShardRun:
     from llmpipe.evaluation import hf_backend as hb
+    from llmpipe.evaluation.decoders import make_decoder
 
     cfg = hb.HFSettings.from_config(settings, threads)
     start = time.perf_counter()
     model, tokenizer, device, dtype = hb.load(str(path), cfg)
     hb.warm_up(model, tokenizer, device)
+    weights = figures.torch_weight_bytes(model)  # before a packed decoder takes them over
+    rows = min(len(prompts), cfg.batch_size)
+    decoder, decoder_note = make_decoder(model, device, dtype, rows, cfg.cpu_packed_decode)
+    print(decoder_note, flush=True)
     load_s = time.perf_counter() - start
     tuned = {"threads_used": cfg.threads, "step_s": {}}
     if cfg.tune_threads:
-        tuned = hb.tune_threads(
-            model, tokenizer, device, cfg.threads, min(len(prompts), cfg.batch_size)
-        )
+        tuned = hb.tune_threads(decoder, tokenizer, device, cfg.threads, rows)
         print(f"torch threads: {tuned}", flush=True)
-    results, batches = hb.generate(model, tokenizer, device, prompts, samp, cfg.batch_size)
-    weights = figures.torch_weight_bytes(model)
+    results, batches = hb.generate(decoder, model, tokenizer, device, prompts, samp, cfg.batch_size)
     kv_elem = figures.TORCH_DTYPE_BYTES[dtype]
     files = [p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
     steps = sum(b.steps for b in batches)
@@ -348,6 +350,8 @@ def _shard_transformers(path, prompts, samp, settings, threads, shape) -> _Shard
             "resolved_dtype": dtype,
             "threads_used": tuned["threads_used"],
             "thread_step_s": tuned["step_s"],
+            "decoder": decoder.name,
+            "decoder_note": decoder_note,
         },
         load_s=load_s,
         gb_disk_to_device=sum(p.stat().st_size for p in files) / figures.GB,
