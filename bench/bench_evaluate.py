@@ -255,7 +255,7 @@ def big_model(run: Path) -> tuple[Path, dict[str, Path]]:
     return hf, ggufs
 
 
-def part_roofline(run: Path, threads: int, tmp: Path) -> None:
+def part_roofline(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
     say("== llama.cpp decode achieved GB/s vs the bandwidth probe")
     hf1b, ggufs = big_model(run)
     cases = [("1.2B random " + v, p, hf1b) for v, p in ggufs.items()]
@@ -264,33 +264,40 @@ def part_roofline(run: Path, threads: int, tmp: Path) -> None:
     prompts = read_prompts(PROMPTS)[:3]
     sampling = {"max_new_tokens": 48, "temperature": 0.0}
     for name, gguf, hf in cases:
-        before = bandwidth.probe(threads)
-        probe = tmp / "probe.json"
-        probe.write_text(json.dumps(before))
-        fixed = {"tune_threads": False}  # the same thread count as the probe
-        rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, fixed, threads, tmp, probe)
-        after = bandwidth.probe(threads)
-        peak = max(before["gb_s"], after["gb_s"])
-        ratio = rec["achieved_gb_s"] / peak
-        say(
-            f"  {name}: decode {rec['decode_tokens'] / rec['decode_s']:.1f} tok/s, "
-            f"{rec['bytes_per_token'] / 1e9:.3f} GB/token, probe {before['gb_s']} / "
-            f"{after['gb_s']} GB/s"
-        )
+        # The memory-bound case runs ``rounds`` times and the median ratio counts: the probe's
+        # best pass swings by +-20 % on a shared host (another tenant's traffic).
+        ratios, achieved, peaks = [], [], []
+        for _ in range(rounds if "F32" in name else 1):
+            before = bandwidth.probe(threads)
+            probe = tmp / "probe.json"
+            probe.write_text(json.dumps(before))
+            fixed = {"tune_threads": False}  # the same thread count as the probe
+            rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, fixed, threads, tmp, probe)
+            after = bandwidth.probe(threads)
+            peak = max(before["gb_s"], after["gb_s"])
+            ratios.append(rec["achieved_gb_s"] / peak)
+            achieved.append(rec["achieved_gb_s"])
+            peaks.append(peak)
+            say(
+                f"  {name}: decode {rec['decode_tokens'] / rec['decode_s']:.1f} tok/s, "
+                f"{rec['bytes_per_token'] / 1e9:.3f} GB/token, {rec['achieved_gb_s']:.1f} GB/s; "
+                f"probe {before['gb_s']} / {after['gb_s']} GB/s: {ratios[-1]:.2f}"
+            )
         if "1.2B" not in name:
             goal = " (overhead-bound)"
         elif "F32" in name:
-            goal = " (goal >= 0.7; memory-bound)"
+            goal = f" (goal >= 0.7; memory-bound; median of {len(ratios)}: "
+            goal += ", ".join(f"{r:.2f}" for r in ratios) + ")"
         else:
             goal = " (compute-bound on this CPU)"
         if "1.2B" in name and (TOOLS / "llama-bench").is_file():
             theirs = llama_bench(gguf, threads, n_gen=32, reps=3) * rec["bytes_per_token"] / 1e9
-            goal += f"; llama-bench {theirs / peak:.2f}"
+            goal += f"; llama-bench {theirs / max(after['gb_s'], before['gb_s']):.2f}"
         row(
             f"llama.cpp decode GB/s / probe, {name}",
-            f"{rec['achieved_gb_s']:.1f} GB/s",
-            f"{peak:.1f} GB/s",
-            f"{ratio:.2f}{goal}",
+            f"{_median(achieved):.1f} GB/s",
+            f"{_median(peaks):.1f} GB/s",
+            f"{_median(ratios):.2f}{goal}",
         )
 
 
