@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,7 +148,7 @@ def part_seed(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
             f"({used} thr, {ours['decoder']})"
         )
     say(f"  load average at the start {load:.1f}")
-    for label, pick in (("median", _median), ("best", max)):
+    for label, pick in (("median", statistics.median), ("best", max)):
         mine, theirs = pick(our_rates), pick(seed_rates)
         row(
             f"transformers tok/s, ours / seed loop as written, {label} of {rounds} "
@@ -156,12 +157,6 @@ def part_seed(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
             f"{theirs:.1f} tok/s",
             f"{mine / theirs:.2f}x (goal >= 8)",
         )
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _in_subprocess(which: str, hf: Path, threads: int) -> dict:
@@ -292,12 +287,12 @@ def part_roofline(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
             goal = " (compute-bound on this CPU)"
         if "1.2B" in name and (TOOLS / "llama-bench").is_file():
             theirs = llama_bench(gguf, threads, n_gen=32, reps=3) * rec["bytes_per_token"] / 1e9
-            goal += f"; llama-bench {theirs / max(after['gb_s'], before['gb_s']):.2f}"
+            goal += f"; llama-bench {theirs / peak:.2f}"
         row(
             f"llama.cpp decode GB/s / probe, {name}",
-            f"{_median(achieved):.1f} GB/s",
-            f"{_median(peaks):.1f} GB/s",
-            f"{_median(ratios):.2f}{goal}",
+            f"{statistics.median(achieved):.1f} GB/s",
+            f"{statistics.median(peaks):.1f} GB/s",
+            f"{statistics.median(ratios):.2f}{goal}",
         )
 
 

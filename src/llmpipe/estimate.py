@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe.errors import ConfigError, PipelineError, ResourceError
+from llmpipe.evaluation.decoders import PACKED_TYPES
 
 MIB = 1024**2
 GIB = 1024**3
@@ -1307,7 +1308,8 @@ def evaluate_transformers(
         # Generation of a Llama-family model in f32 packs the weights for oneDNN
         # (evaluation/decoders.py): packed copies replace the linears, but a tied output
         # layer keeps the embedding for the lookup and gets a packed copy of its own.
-        if not full_logits and fmt == "f32" and shape.family == "llama" and shape.tied_embeddings:
+        packs = shape.model_type in PACKED_TYPES and fmt == "f32" and not full_logits
+        if packs and shape.tied_embeddings:
             packed_head = shape.vocab * shape.hidden * b
         host_gpu_job = base * MIB
         shardable, replicated = weights + max(checkpoint, packed_head + kv + running), 0
