@@ -197,7 +197,7 @@ def child_ours(hf: str, threads: int) -> dict:
         "seconds": rec["generate_s"],
         "threads_used": rec["settings"]["threads_used"],
         "threads": rec["settings"]["threads_used"],
-        "decoder": rec["settings"]["decoder"],
+        "decoder": f"{rec['settings']['decoder']}, {rec['settings']['decoder_matmul']}",
     }
 
 

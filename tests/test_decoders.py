@@ -14,9 +14,11 @@ transformers = pytest.importorskip("transformers")
 
 from llmpipe.errors import ConfigError  # noqa: E402
 from llmpipe.evaluation import hf_backend as hb  # noqa: E402
+from llmpipe.evaluation import panel_gemm  # noqa: E402
 from llmpipe.evaluation.decoders import (  # noqa: E402
     PACKED_TOLERANCE,
     HFDecoder,
+    OneDNNMatmul,
     PackedLlamaDecoder,
     make_decoder,
     packed_unsupported,
@@ -87,7 +89,19 @@ def relative_error(got, expected) -> float:
     return float((got - expected).abs().max() / expected.abs().max())
 
 
-def run_both(kind: str, extra: dict, lengths: list[int], steps: int, drop_at: int | None):
+def matmul_for(name: str, rows: int):
+    """The packed decoder's matmul by name (the test is skipped where the kernel cannot run)."""
+    if name == "oneDNN":
+        return OneDNNMatmul(rows)
+    kernel, why = panel_gemm.load()
+    if kernel is None:
+        pytest.skip(f"panel_gemm cannot run here: {why}")
+    return kernel
+
+
+def run_both(
+    kind: str, extra: dict, lengths: list[int], steps: int, drop_at: int | None, matmul: str
+):
     """The same prompt pass, decode steps and dropped rows through both decoders; the
     relative logit error of every call."""
     reference_model = tiny_model(kind, extra)
@@ -97,7 +111,7 @@ def run_both(kind: str, extra: dict, lengths: list[int], steps: int, drop_at: in
     errors = []
     with torch.inference_mode():
         reference = HFDecoder(reference_model)
-        packed = PackedLlamaDecoder(packed_model, rows_hint=len(lengths))
+        packed = PackedLlamaDecoder(packed_model, len(lengths), matmul_for(matmul, len(lengths)))
         expected = reference.start(ids, mask, positions, capacity)
         got = packed.start(ids, mask, positions, capacity)
         errors.append(relative_error(got, expected))
@@ -116,12 +130,13 @@ def run_both(kind: str, extra: dict, lengths: list[int], steps: int, drop_at: in
     return errors
 
 
+@pytest.mark.parametrize("matmul", ["oneDNN", "panel_gemm"])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_packed_decoder_matches_the_models_forward(name):
+def test_packed_decoder_matches_the_models_forward(name, matmul):
     """Left-padded prompts of different lengths, decode steps, a row dropped half-way: every
-    call's logits agree with transformers' forward to fp32 rounding."""
+    call's logits agree with transformers' forward to fp32 rounding, with either matmul."""
     kind, extra = VARIANTS[name]
-    errors = run_both(kind, extra, lengths=[3, 7, 5], steps=6, drop_at=3)
+    errors = run_both(kind, extra, lengths=[3, 7, 5], steps=6, drop_at=3, matmul=matmul)
     assert max(errors) < PACKED_TOLERANCE, errors
 
 
@@ -146,6 +161,7 @@ def test_make_decoder_says_why_it_falls_back():
     assert isinstance(decoder, HFDecoder) and "cpu_packed_decode" in note
     decoder, note = make_decoder(llama, "cpu", "float32", rows=2)
     assert isinstance(decoder, PackedLlamaDecoder) and "relative logit error" in note
+    assert decoder.matmul.name in note
 
 
 @pytest.mark.fault(

@@ -6,15 +6,16 @@ rows that ended. Two implementations:
 
 - ``HFDecoder``: the model's own forward with a ``DynamicCache``; any architecture, any device.
 - ``PackedLlamaDecoder``: Llama-family models (``llama``, ``mistral``; SmolLM2 is one) in fp32
-  on the CPU. A batched decode step multiplies a handful of rows by every weight matrix;
-  PyTorch hands that to MKL's sgemm, which reaches ~20 GFLOP/s at 10 rows here (2 AVX2
-  cores), and transformers adds ~1,000 small ops and a KV-cache concatenation per step. Here
-  each layer's q/k/v and gate/up weights are concatenated and pre-packed once for oneDNN's
-  matmul (``torch.ops.mkldnn``, what PyTorch's own compiler emits for frozen CPU linears;
-  ~60 GFLOP/s at 10 rows), residual adds are fused into it, the rotary embedding is one
-  complex multiply, keys and values go into a preallocated cache, the prompt pass skips the
-  padding, and the layer loop is plain tensor code (~15 ops per layer). SmolLM2, 10 rows,
-  2 cores: a decode step 151 -> ~70 ms; 1 row 64 -> ~48 ms.
+  on the CPU. A batched decode step multiplies a handful of rows by every weight matrix, and
+  transformers adds ~1,000 small ops and a KV-cache concatenation per step. Here each
+  layer's q/k/v and gate/up weights are concatenated and packed once for a small-row matmul,
+  residual adds are fused into it, the rotary embedding is one complex multiply, keys and
+  values go into a preallocated cache, the prompt pass skips the padding, and the layer loop
+  is plain tensor code (~15 ops per layer). The matmul (``evaluate.transformers.cpu_matmul``)
+  is ``panel_gemm`` (a small AVX2 kernel built on first use: it streams the weights at the
+  memory's speed) or oneDNN's prepacked matmul (``torch.ops.mkldnn``, what PyTorch's own
+  compiler emits for frozen CPU linears), which reads them at about half of it. SmolLM2,
+  2 cores, a 6-row step: transformers 120 ms, oneDNN ~55 ms, panel_gemm ~40 ms.
   It takes the model's linear weights over (packed copies replace them, so memory does not
   double), after checking its logits against the model's own forward on a padded batch; the
   model's forward cannot be used afterwards.
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from llmpipe.errors import ConfigError, PipelineError
 
 PACKED_TYPES = ("llama", "mistral")
+CPU_MATMULS = ("auto", "panel", "onednn")
 # Largest |logit difference| accepted between the packed and the model's own forward, relative
 # to the largest |logit| (fp32 with a different summation order: ~1e-6 is typical).
 PACKED_TOLERANCE = 1e-4
@@ -95,10 +97,63 @@ class _Layer:
     down_bias: object
 
 
+class OneDNNMatmul:
+    """oneDNN's matmul on weights pre-packed for ``rows_hint`` rows (``torch.ops.mkldnn``)."""
+
+    name = "oneDNN"
+
+    def __init__(self, rows_hint: int):
+        self.hint = max(int(rows_hint), 1)
+
+    @staticmethod
+    def available() -> bool:
+        import torch
+
+        return torch.backends.mkldnn.is_available() and hasattr(
+            torch.ops.mkldnn, "_linear_pointwise"
+        )
+
+    def pack(self, weight):
+        import torch
+
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), self.hint)
+
+    def linear(self, x, packed, bias=None, residual=None):
+        """``residual + x @ W.T + bias`` in one call (the add is a fused post-op)."""
+        import torch
+
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+
+
+def cpu_matmul(choice: str, rows_hint: int):
+    """(matmul, note) for ``evaluate.transformers.cpu_matmul``: ``auto`` = panel_gemm where
+    it builds and runs here, else oneDNN; ``panel`` insists on the kernel; ``onednn`` never
+    builds it. (None, why) when neither can run."""
+    from llmpipe.evaluation import panel_gemm
+
+    if choice not in CPU_MATMULS:
+        raise ConfigError(
+            f"evaluate.transformers.cpu_matmul: '{choice}' is not one of {CPU_MATMULS}"
+        )
+    why = "cpu_matmul: onednn"
+    if choice != "onednn":
+        kernel, why = panel_gemm.load()
+        if kernel is not None:
+            return kernel, why
+        if choice == "panel":
+            raise ConfigError(
+                f"evaluate.transformers.cpu_matmul: panel, but the kernel cannot run here: {why} "
+                "(set cpu_matmul: auto to fall back to oneDNN)"
+            )
+    if OneDNNMatmul.available():
+        return OneDNNMatmul(rows_hint), f"oneDNN matmul ({why})"
+    return None, f"no CPU matmul: this torch build has no oneDNN linear ({why})"
+
+
 def packed_unsupported(model, device: str, dtype: str) -> str | None:
     """Why the packed decoder cannot run this model here (None when it can)."""
-    import torch
-
     config = model.config
     if device != "cpu" or dtype != "float32":
         return f"runs on the CPU in float32 only (here {device}, {dtype})"
@@ -106,18 +161,16 @@ def packed_unsupported(model, device: str, dtype: str) -> str | None:
         return f"model_type '{config.model_type}' is not one of {PACKED_TYPES}"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act '{config.hidden_act}' (expected silu)"
-    onednn = torch.backends.mkldnn.is_available()
-    if not (onednn and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return "this torch build has no oneDNN linear"
     return None
 
 
 class PackedLlamaDecoder:
-    """Llama-family decode on the CPU with oneDNN-prepacked weights (module docstring)."""
+    """Llama-family decode on the CPU with packed weights (module docstring). ``matmul``:
+    ``OneDNNMatmul`` or ``panel_gemm.PanelGemm`` (``cpu_matmul``)."""
 
     name = "packed-llama-cpu"
 
-    def __init__(self, model, rows_hint: int):
+    def __init__(self, model, rows_hint: int, matmul=None):
         import torch
 
         config = model.config
@@ -132,7 +185,7 @@ class PackedLlamaDecoder:
         self.rotary = inner.rotary_emb
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
-        self.hint = max(int(rows_hint), 1)
+        self.matmul = matmul if matmul is not None else OneDNNMatmul(rows_hint)
         self.q_end = self.n_heads * self.head_dim
         self.k_end = self.q_end + self.n_kv * self.head_dim
         self.intermediate = inner.layers[0].mlp.gate_proj.out_features
@@ -154,9 +207,7 @@ class PackedLlamaDecoder:
     # -- weights --------------------------------------------------------------------------
 
     def _pack(self, weight):
-        import torch
-
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), self.hint)
+        return self.matmul.pack(weight)
 
     def _pack_layer(self, layer) -> _Layer:
         import torch
@@ -255,9 +306,10 @@ class PackedLlamaDecoder:
         half = self.head_dim // 2
         turn = torch.complex(cos[..., :half], sin[..., :half])[:, :, None, :]
         heads = self.n_heads + self.n_kv
+        linear = self.matmul.linear
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(hidden, size, layer.norm_in, self.eps)
-            qkv = _linear(x, layer.qkv, layer.qkv_bias)
+            qkv = linear(x, layer.qkv, layer.qkv_bias)
             if real is not None:
                 grid = qkv.new_zeros((rows * n_new, qkv.shape[1]))
                 grid[real] = qkv
@@ -280,30 +332,17 @@ class PackedLlamaDecoder:
             attn = attn.transpose(1, 2).reshape(rows * n_new, self.q_end)
             if real is not None:
                 attn = attn[real]
-            hidden = _linear_add(attn, layer.out, layer.out_bias, hidden)
+            hidden = linear(attn, layer.out, layer.out_bias, hidden)
             x = F.rms_norm(hidden, size, layer.norm_post, self.eps)
-            gate_up = _linear(x, layer.gate_up, layer.gate_up_bias)
+            gate_up = linear(x, layer.gate_up, layer.gate_up_bias)
             act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-            hidden = _linear_add(act, layer.down, layer.down_bias, hidden)
+            hidden = linear(act, layer.down, layer.down_bias, hidden)
         if real is None:
             last = hidden.view(rows, n_new, -1)[:, -1]
         else:  # left padding: each row's last token is real, the last of its run
             last = hidden[(real // n_new).bincount(minlength=rows).cumsum(0) - 1]
         last = F.rms_norm(last, size, self.final_norm, self.eps)
-        return _linear(last, self.head, self.head_bias)
-
-
-def _linear(x, packed, bias):
-    import torch
-
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def _linear_add(x, packed, bias, residual):
-    """``residual + x @ W.T (+ bias)`` in one oneDNN call (the add is a fused post-op)."""
-    import torch
-
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+        return linear(last, self.head, self.head_bias)
 
 
 def _bias(linear):
@@ -353,9 +392,12 @@ def _left_padded_probe(model, rows: int = 2, width: int = 6):
     return ids, mask, positions
 
 
-def make_decoder(model, device: str, dtype: str, rows: int, packed: bool = True):
-    """(decoder, note): the packed decoder when ``packed`` and it applies and agrees with the
-    model's own forward on a padded batch plus two decode steps, else ``HFDecoder``."""
+def make_decoder(
+    model, device: str, dtype: str, rows: int, packed: bool = True, matmul: str = "auto"
+):
+    """(decoder, note): the packed decoder (its matmul chosen by ``cpu_matmul(matmul)``) when
+    ``packed`` and it applies and agrees with the model's own forward on a padded batch plus
+    two decode steps, else ``HFDecoder``."""
     import torch
 
     if not packed:
@@ -363,6 +405,9 @@ def make_decoder(model, device: str, dtype: str, rows: int, packed: bool = True)
     why = packed_unsupported(model, device, dtype)
     if why:
         return HFDecoder(model), f"packed decoder not used: {why}"
+    kernel, kernel_note = cpu_matmul(matmul, rows)
+    if kernel is None:
+        return HFDecoder(model), f"packed decoder not used: {kernel_note}"
     ids, mask, positions = _left_padded_probe(model)
     with torch.inference_mode():
         reference = HFDecoder(model)
@@ -371,7 +416,7 @@ def make_decoder(model, device: str, dtype: str, rows: int, packed: bool = True)
         pos = positions[:, -1] + 1
         expected.append(reference.step(nxt, pos))
         expected.append(reference.step(nxt, pos + 1))
-        decoder = PackedLlamaDecoder(model, rows)
+        decoder = PackedLlamaDecoder(model, rows, kernel)
         got = [decoder.start(ids, mask, positions, ids.shape[1] + 2)]
         got.append(decoder.step(nxt, pos))
         got.append(decoder.step(nxt, pos + 1))
@@ -384,4 +429,6 @@ def make_decoder(model, device: str, dtype: str, rows: int, packed: bool = True)
             f"{error:.2e} > {PACKED_TOLERANCE}): set evaluate.transformers.cpu_packed_decode: "
             "false (and please report the model)"
         )
-    return decoder, f"packed decoder: relative logit error {error:.1e} vs transformers' forward"
+    return decoder, (
+        f"packed decoder, {kernel_note}: relative logit error {error:.1e} vs transformers' forward"
+    )

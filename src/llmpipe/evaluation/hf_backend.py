@@ -34,6 +34,7 @@ class HFSettings:
     attn_implementation: str = "sdpa"
     tune_threads: bool = True
     cpu_packed_decode: bool = True
+    cpu_matmul: str = "auto"
     threads: int = 2
 
     @classmethod

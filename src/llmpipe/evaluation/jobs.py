@@ -323,7 +323,9 @@ def _shard_transformers(path, prompts, samp, settings, threads, shape) -> _Shard
     hb.warm_up(model, tokenizer, device)
     weights = figures.torch_weight_bytes(model)  # before a packed decoder takes them over
     rows = min(len(prompts), cfg.batch_size)
-    decoder, decoder_note = make_decoder(model, device, dtype, rows, cfg.cpu_packed_decode)
+    decoder, decoder_note = make_decoder(
+        model, device, dtype, rows, cfg.cpu_packed_decode, cfg.cpu_matmul
+    )
     print(decoder_note, flush=True)
     load_s = time.perf_counter() - start
     tuned = {"threads_used": cfg.threads, "step_s": {}}
@@ -351,6 +353,7 @@ def _shard_transformers(path, prompts, samp, settings, threads, shape) -> _Shard
             "threads_used": tuned["threads_used"],
             "thread_step_s": tuned["step_s"],
             "decoder": decoder.name,
+            "decoder_matmul": getattr(getattr(decoder, "matmul", None), "name", None),
             "decoder_note": decoder_note,
         },
         load_s=load_s,
