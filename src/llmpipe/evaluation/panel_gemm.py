@@ -60,8 +60,10 @@ class PanelGemm:
 
         n, k = weight.shape
         count = -(-n // PANEL)
-        padded = torch.zeros((count * PANEL, k), dtype=torch.float32)
-        padded[:n] = weight.detach()
+        padded = weight.detach().float()
+        if n % PANEL:  # (a copy only when the last panel needs zero columns)
+            padded = torch.zeros((count * PANEL, k), dtype=torch.float32)
+            padded[:n] = weight.detach()
         return Panels(padded.view(count, PANEL, k).transpose(1, 2).contiguous(), n)
 
     def linear(self, x, weight: Panels, bias=None, residual=None):
