@@ -78,6 +78,8 @@ def test_kernel_refuses_mismatched_shapes():
         KERNEL.linear(torch.randn(2, 9), packed)
     with pytest.raises(ValueError, match="residual"):
         KERNEL.linear(torch.randn(2, 8), packed, None, torch.randn(3, 16))
+    with pytest.raises(ValueError, match="bias"):
+        KERNEL.linear(torch.randn(2, 8), packed, torch.randn(15))
 
 
 @needs_kernel

@@ -10,8 +10,7 @@ machine type with the system C compiler (``$CC``, else ``cc``) into the user's c
 ``load()`` returns the kernel, or None with the reason when it cannot run here: not x86-64
 with AVX2 and FMA, no compiler, the build failed, or torch's thread pool is not libgomp (the
 kernel's ``omp parallel`` must run on torch's own pool: loading it may not map a second
-OpenMP runtime). The caller then
-keeps oneDNN and records why.
+OpenMP runtime). The caller then keeps oneDNN and records why.
 """
 
 from __future__ import annotations
@@ -80,8 +79,11 @@ class PanelGemm:
             residual = residual.contiguous()
             if tuple(residual.shape) != (m, n):
                 raise ValueError(f"panel_gemm: residual {tuple(residual.shape)} vs ({m}, {n})")
+        if bias is not None:
+            bias = bias.contiguous()
+            if bias.numel() != n or bias.dtype != torch.float32:
+                raise ValueError(f"panel_gemm: bias {tuple(bias.shape)} {bias.dtype} vs ({n},)")
         # The pointers stay valid during the call: x, bias and residual are bound here.
-        bias = None if bias is None else bias.contiguous()
         self._call(
             x.data_ptr(),
             m,
