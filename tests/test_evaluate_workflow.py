@@ -151,3 +151,18 @@ def test_sharded_farm_equals_the_unsharded_run(default_run, tmp_path):
     assert sum(r["generated_tokens"] for r in records) == sharded["generated_tokens"]
     start = min(r["started_at"] for r in records)
     assert sharded["wall_s"] == pytest.approx(max(r["finished_at"] for r in records) - start)
+
+
+def test_greedy_argmax_picks_what_llamas_greedy_sampler_picks(smollm2_gguf):
+    """Plain greedy reads the argmax off the logits instead of running the sampler chain: the
+    same tokens for every default prompt (Q8_0, 24 new tokens)."""
+    from llmpipe.evaluation import llama_backend as lb
+    from llmpipe.evaluation.records import Sampling
+
+    llm = lb.load(str(smollm2_gguf("Q8_0")), lb.LlamaSettings(n_threads=2))
+    prompts = list(enumerate(read_prompts("config/prompts.txt")))
+    sampling = Sampling(max_new_tokens=24, temperature=0.0)
+    fast = lb.generate(llm, prompts, sampling, argmax_greedy=True)
+    chain = lb.generate(llm, prompts, sampling, argmax_greedy=False)
+    assert [r.token_ids for r in fast] == [r.token_ids for r in chain]
+    assert sum(len(r.token_ids) for r in fast) > 10 * 5  # real generations, not empty ones

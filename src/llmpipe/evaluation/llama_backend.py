@@ -3,7 +3,9 @@
 The model and context are made by ``llama_cpp.Llama`` (every setting from config); the loops
 use the C API directly (``llama_decode`` on a reused batch, llama.cpp's own sampler chain), so
 a generated token costs one ``llama_decode`` plus a native sampling call, nothing more, and the
-prompt pass and the generation are timed separately.
+prompt pass and the generation are timed separately. Plain greedy decoding reads the argmax
+straight off the logits (the sampler chain copies the vocabulary into a fresh 12-byte-per-token
+array for every token: ~0.1 ms and 0.6 MB of cache traffic for a 49k vocabulary).
 """
 
 from __future__ import annotations
@@ -263,8 +265,12 @@ def _sampler(llm, sampling: Sampling, seed: int, n_ctx: int):
     return chain
 
 
-def generate(llm, prompts: list[tuple[int, str]], sampling: Sampling) -> list[PromptResult]:
-    """Each prompt from an empty KV cache: one timed prompt pass, then timed decode steps."""
+def generate(
+    llm, prompts: list[tuple[int, str]], sampling: Sampling, argmax_greedy: bool = True
+) -> list[PromptResult]:
+    """Each prompt from an empty KV cache: one timed prompt pass, then timed decode steps.
+    ``argmax_greedy``: greedy without a repetition penalty takes the logits' argmax (the
+    token llama.cpp's greedy sampler picks: the first largest) instead of the sampler chain."""
     import llama_cpp
 
     n_ctx = llm.n_ctx()
@@ -284,7 +290,9 @@ def generate(llm, prompts: list[tuple[int, str]], sampling: Sampling) -> list[Pr
                 )
             chain = _sampler(llm, sampling, sampling.prompt_seed(index), n_ctx)
             try:
-                result = _generate_one(llm, batch, chain, v, index, prompt, tokens, sampling)
+                result = _generate_one(
+                    llm, batch, chain, v, index, prompt, tokens, sampling, argmax_greedy
+                )
             finally:
                 llama_cpp.llama_sampler_free(chain)
             results.append(result)
@@ -293,10 +301,27 @@ def generate(llm, prompts: list[tuple[int, str]], sampling: Sampling) -> list[Pr
     return results
 
 
-def _generate_one(llm, batch, chain, v, index, prompt, tokens, sampling) -> PromptResult:
+def _argmax_reader(llm):
+    """A function returning the argmax of the last decoded token's logits, read in place."""
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+
+    def argmax() -> int:
+        row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.ctypeslib.as_array(row, shape=(n_vocab,)).argmax())
+
+    return argmax
+
+
+def _generate_one(
+    llm, batch, chain, v, index, prompt, tokens, sampling, argmax_greedy
+) -> PromptResult:
     import llama_cpp
 
     n_ctx = llm.n_ctx()
+    plain_greedy = sampling.greedy and sampling.repetition_penalty == 1.0
+    argmax = _argmax_reader(llm) if argmax_greedy and plain_greedy else None
     _clear(llm)
     for tok in tokens:  # the repetition penalty sees the prompt, as transformers' does
         llama_cpp.llama_sampler_accept(chain, tok)
@@ -312,7 +337,10 @@ def _generate_one(llm, batch, chain, v, index, prompt, tokens, sampling) -> Prom
     n_past = len(tokens)
     stop = "length"
     while True:
-        tok = int(llama_cpp.llama_sampler_sample(chain, llm.ctx, -1))
+        if argmax is None:
+            tok = int(llama_cpp.llama_sampler_sample(chain, llm.ctx, -1))
+        else:
+            tok = argmax()
         ids.append(tok)
         if llama_cpp.llama_vocab_is_eog(v, tok):
             stop = "eos"
