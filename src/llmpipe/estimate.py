@@ -1305,9 +1305,9 @@ def evaluate_transformers(
         # One process holds everything. The checkpoint's mapped pages are let go once it is
         # loaded, before the first token: the peak is the larger of loading and running
         # (measured on SmolLM2 f32: 1153 MiB for generation and perplexity alike, = the load).
-        # Generation of a Llama-family model in f32 packs the weights for oneDNN
-        # (evaluation/decoders.py): packed copies replace the linears, but a tied output
-        # layer keeps the embedding for the lookup and gets a packed copy of its own.
+        # Generation of a Llama-family model in f32 packs the weights for its CPU matmul
+        # (panel_gemm or oneDNN, evaluation/decoders.py): packed copies replace the linears,
+        # but a tied output layer keeps the embedding for the lookup and gets a packed copy.
         packs = shape.model_type in PACKED_TYPES and fmt == "f32" and not full_logits
         if packs and shape.tied_embeddings:
             packed_head = shape.vocab * shape.hidden * b

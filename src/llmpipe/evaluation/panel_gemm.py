@@ -3,7 +3,7 @@
 A decode step multiplies a handful of rows (the batch's live sequences) by every weight
 matrix: the weights stream from memory once and the arithmetic is light. oneDNN and MKL read
 them at ~15 GB/s on 2 AVX2 cores where a plain sum reads ~25; the kernel here (weights stored
-as 16-column panels, a 6 x 16 register tile) reads them at ~25. It is compiled once per
+as 16-column panels, a 6 x 16 register tile) reads them at 19-26. It is compiled once per
 machine type with the system C compiler (``$CC``, else ``cc``) into the user's cache
 (``$XDG_CACHE_HOME/llmpipe/kernels``) and loaded with ctypes.
 
