@@ -196,7 +196,7 @@ class PackedLlamaDecoder:
             for layer in inner.layers:
                 self.layers.append(self._pack_layer(layer))
                 _return_freed_memory()
-            self.head = self._pack(model.lm_head.weight)
+            self.head = self.matmul.pack(model.lm_head.weight)
             self.head_bias = _bias(model.lm_head)
         if not tied:
             _release(model.lm_head)
@@ -207,9 +207,6 @@ class PackedLlamaDecoder:
 
     # -- weights --------------------------------------------------------------------------
 
-    def _pack(self, weight):
-        return self.matmul.pack(weight)
-
     def _pack_layer(self, layer) -> _Layer:
         import torch
 
@@ -217,7 +214,7 @@ class PackedLlamaDecoder:
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         q_rows = self._interleave(attn.q_proj.weight, self.n_heads)
         k_rows = self._interleave(attn.k_proj.weight, self.n_kv)
-        qkv = self._pack(torch.cat([q_rows, k_rows, attn.v_proj.weight]))
+        qkv = self.matmul.pack(torch.cat([q_rows, k_rows, attn.v_proj.weight]))
         qkv_bias = _cat_bias(projections)
         if qkv_bias is not None:
             q_end, k_end = self.q_end, self.k_end
@@ -228,18 +225,18 @@ class PackedLlamaDecoder:
                     qkv_bias[k_end:],
                 ]
             )
-        gate_up = self._pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        gate_up = self.matmul.pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
         gate_up_bias = _cat_bias((mlp.gate_proj, mlp.up_proj))
         packed = _Layer(
             norm_in=layer.input_layernorm.weight,
             qkv=qkv,
             qkv_bias=qkv_bias,
-            out=self._pack(attn.o_proj.weight),
+            out=self.matmul.pack(attn.o_proj.weight),
             out_bias=_bias(attn.o_proj),
             norm_post=layer.post_attention_layernorm.weight,
             gate_up=gate_up,
             gate_up_bias=gate_up_bias,
-            down=self._pack(mlp.down_proj.weight),
+            down=self.matmul.pack(mlp.down_proj.weight),
             down_bias=_bias(mlp.down_proj),
         )
         for module in (*projections, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):

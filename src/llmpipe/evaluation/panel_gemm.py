@@ -22,9 +22,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from llmpipe import atomic, provenance
+from llmpipe.errors import PipelineError
 
 SOURCE = Path(__file__).with_name("panel_gemm.c")
 PANEL = 16
@@ -118,11 +120,11 @@ def load() -> tuple[PanelGemm | None, str]:
     path = cache_dir() / f"panel_gemm-{platform.machine()}-{digest}.so"
     if not path.is_file():
         try:
-            error = _build(compiler, path)
+            _build(compiler, path)
+        except PipelineError as exc:
+            return None, str(exc)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            error = f"cannot build {path}: {exc}"
-        if error:
-            return None, error
+            return None, f"cannot build {path}: {exc}"
     runtimes = loaded_openmp_libraries()
     try:
         library = ctypes.CDLL(str(path))
@@ -143,23 +145,11 @@ def _unsupported() -> str | None:
 
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"CPU architecture {platform.machine()} (the kernel is AVX2)"
-    flags = _cpu_flags()
-    if not {"avx2", "fma"} <= flags:
+    if not {"avx2", "fma"} <= provenance.cpu_flags():
         return "the CPU lacks AVX2/FMA"
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return "torch's thread pool is not OpenMP"
     return None
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def loaded_openmp_libraries() -> set[str]:
@@ -176,19 +166,16 @@ def loaded_openmp_libraries() -> set[str]:
     }
 
 
-def _build(compiler: str, path: Path) -> str | None:
-    """Compile into ``path`` (atomically: concurrent jobs may build at once); error or None."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
+def _build(compiler: str, path: Path) -> None:
+    """Compile into ``path`` (written atomically: concurrent jobs may build at once)."""
+    with atomic.atomic_path(path) as tmp:
         done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            [compiler, *FLAGS, str(SOURCE), "-o", str(tmp)],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if done.returncode != 0:
-            return f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-300:]}"
-        os.replace(tmp, path)
-        return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            raise PipelineError(
+                f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-300:]}"
+            )
