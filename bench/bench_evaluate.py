@@ -19,7 +19,12 @@ default: the current directory. Parts (all by default):
   figure is printed beside ours). The probe runs right before and after; the ratio uses the
   larger. Goal >= 0.7 on the 1 B model where decode is memory-bound.
 - ``bench``: our llama.cpp evaluate decode tok/s / ``llama-bench`` tg128 on the same GGUF and
-  threads (llama-bench runs before and after ours; the ratio uses their mean). Goal >= 0.98.
+  threads. Nine rounds; llama-bench runs before and after each of ours and each round's ratio
+  uses their mean; the median of the nine is reported with a distribution-free 95 % interval
+  (order statistics). Goal >= 0.98. Our prompts start the decode ~10 positions deep and stop
+  at EOS, tg128 decodes positions 0-127: a token's attention work differs by a few % of its
+  time either way (F16's long generations do a little more than tg128, Q4_K_M's short ones
+  less).
 - ``ppl``: our perplexity, KL-divergence, same-top-token and PPL ratio vs ``llama-perplexity
   --kl-divergence`` on the same GGUFs, text, n_ctx and chunks; agreement is judged against the
   tool's own +/- uncertainty. Our base file is also fed to llama-perplexity (format check).
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -307,7 +313,17 @@ def llama_bench(gguf: Path, threads: int, n_gen: int = 128, reps: int = 5) -> fl
     return float(results[0]["avg_ts"])
 
 
-def part_bench(run: Path, threads: int, tmp: Path, rounds: int = 5) -> None:
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: the k-th smallest and k-th largest value,
+    k the largest rank whose coverage, 1 - 2 P(Binomial(n, 1/2) < k), is still >= level."""
+    ordered, n = sorted(values), len(values)
+    k = 1
+    while k < n // 2 and 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n >= level:
+        k += 1
+    return ordered[k - 1], ordered[n - k]
+
+
+def part_bench(run: Path, threads: int, tmp: Path, rounds: int = 9) -> None:
     say("== our llama.cpp decode tok/s vs llama-bench tg128")
     _need_tools()
     hf = run / "results/models/smollm2/hf"
@@ -316,15 +332,17 @@ def part_bench(run: Path, threads: int, tmp: Path, rounds: int = 5) -> None:
     fixed = {"tune_threads": False}  # the same threads as llama-bench
     for variant in ("F16", "Q8_0", "Q4_K_M"):
         gguf = run / f"results/gguf/smollm2/smollm2-{variant}.gguf"
-        # llama-bench before, between and after our rounds. This host's speed drifts by
-        # +-15 % between runs a few seconds apart, so each of our runs is compared with the
-        # llama-bench runs on either side of it, and the median of those ratios is reported.
-        theirs, ours = [llama_bench(gguf, threads)], []
+        # llama-bench before, between and after our rounds. This host's speed drifts by a
+        # few % between runs seconds apart, so each of our runs is compared with the mean of
+        # the llama-bench runs on either side of it (3 repetitions each: ~4 s, as long as
+        # ours), and the median of those paired ratios is reported.
+        theirs, ours = [llama_bench(gguf, threads, reps=3)], []
         for _ in range(rounds):
             rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, fixed, threads, tmp)
             ours.append(rec["decode_tokens"] / rec["decode_s"])
-            theirs.append(llama_bench(gguf, threads))
+            theirs.append(llama_bench(gguf, threads, reps=3))
         paired = [o / ((a + b) / 2) for o, a, b in zip(ours, theirs, theirs[1:], strict=False)]
+        low, high = median_interval(paired)
         say(
             f"  {variant}: llama-bench {', '.join(f'{t:.1f}' for t in theirs)}; "
             f"ours {', '.join(f'{o:.1f}' for o in ours)} tok/s; "
@@ -332,10 +350,10 @@ def part_bench(run: Path, threads: int, tmp: Path, rounds: int = 5) -> None:
         )
         row(
             f"llama.cpp decode tok/s, ours / llama-bench tg128, SmolLM2 {variant} "
-            f"(medians; ratio = median of {rounds} paired)",
+            f"(medians; ratio = median of {rounds} paired, 95 % interval)",
             f"{statistics.median(ours):.1f}",
             f"{statistics.median(theirs):.1f}",
-            f"{statistics.median(paired):.3f} (goal >= 0.98)",
+            f"{statistics.median(paired):.3f} [{low:.3f}, {high:.3f}] (goal >= 0.98)",
         )
 
 
