@@ -22,9 +22,8 @@ default: the current directory. Parts (all by default):
   threads. Nine rounds; llama-bench runs before and after each of ours and each round's ratio
   uses their mean; the median of the nine is reported with a distribution-free 95 % interval
   (order statistics). Goal >= 0.98. Our prompts start the decode ~10 positions deep and stop
-  at EOS, tg128 decodes positions 0-127: a token's attention work differs by a few % of its
-  time either way (F16's long generations do a little more than tg128, Q4_K_M's short ones
-  less).
+  at EOS, tg128 decodes positions 0-127, so a token's attention work differs a little (F16's
+  generations attend about as many cells on average as tg128, Q4_K_M's shorter ones fewer).
 - ``ppl``: our perplexity, KL-divergence, same-top-token and PPL ratio vs ``llama-perplexity
   --kl-divergence`` on the same GGUFs, text, n_ctx and chunks; agreement is judged against the
   tool's own +/- uncertainty. Our base file is also fed to llama-perplexity (format check).
