@@ -152,6 +152,13 @@ class _Batch:
             b.seq_id[i][0] = 0
             b.logits[i] = i >= last
 
+    def one_token(self, pos: int):
+        """Lay out a one-token step at ``pos`` (logits on) and return ``(batch, token, pos)``:
+        the raw batch and its token and position arrays, the only fields a decode loop then
+        writes per step (index 0)."""
+        self.fill([0], pos, None)
+        return self.batch, self.batch.token, self.batch.pos
+
     def close(self) -> None:
         import llama_cpp
 
@@ -362,8 +369,7 @@ def _generate_one(
     ids: list[int] = []
     n_past = len(tokens)
     stop = "length"
-    batch.fill([0], n_past, None)  # the one-token layout every step reuses
-    step, token_slot, pos_slot = batch.batch, batch.batch.token, batch.batch.pos
+    step, token_slot, pos_slot = batch.one_token(n_past)
     decode, sample = llama_cpp.llama_decode, llama_cpp.llama_sampler_sample
     while True:
         tok = argmax() if argmax is not None else int(sample(chain, ctx, -1))
