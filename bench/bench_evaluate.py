@@ -1,6 +1,5 @@
 """evaluate's benchmarks, each a ratio measured in one run (side by side, same machine state).
 
-    bench/build_llama_tools.sh          # llama-bench, llama-perplexity from the pinned sources
     .venv/bin/python bench/bench_evaluate.py [--run WORKDIR] [--parts seed,roofline,bench,ppl]
 
 WORKDIR is a finished default run (its results/models/smollm2/hf and results/gguf/smollm2/*);
@@ -52,8 +51,9 @@ sys.path.insert(0, str(REPO / "src"))
 from llmpipe import manifest  # noqa: E402
 from llmpipe.config import read_prompts  # noqa: E402
 from llmpipe.evaluation import bandwidth, jobs  # noqa: E402
+from llmpipe.paths import LLAMA_BIN_DIR, llama_tool  # noqa: E402
 
-TOOLS = Path(os.environ.get("LLMPIPE_LLAMA_TOOLS_BUILD", REPO / ".deps/llama.cpp-build")) / "bin"
+TOOLS = LLAMA_BIN_DIR  # llama-bench, llama-perplexity: the pinned build (`make setup`)
 BENCH_DIR = REPO / ".deps" / "bench"
 PROMPTS = REPO / "config" / "prompts.txt"
 TEXT = REPO / "config" / "eval" / "gpl-3.0.txt"
@@ -447,8 +447,8 @@ def _judge(name: str, ours: float, theirs: float, unc: float) -> None:
 
 
 def _need_tools() -> None:
-    if not (TOOLS / "llama-bench").is_file() or not (TOOLS / "llama-perplexity").is_file():
-        subprocess.run([str(REPO / "bench/build_llama_tools.sh")], check=True)
+    llama_tool("llama-bench")  # a clear error naming `make setup` when the build is missing
+    llama_tool("llama-perplexity")
 
 
 # ---- main ------------------------------------------------------------------------------------

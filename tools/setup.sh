@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One idempotent setup: venv with pinned packages, the pinned llama.cpp (llama-cpp-python wheel
-# built once and cached, keyed by version and build flags), and llama.cpp's official converter
-# taken from the same sdist. A second run checks stamps and returns in seconds.
+# One idempotent setup: venv with pinned packages; the pinned llama.cpp (one build of its shared
+# libraries and tools, cached per user and keyed by version and build flags; llama-cpp-python as
+# the Python binding over those libraries); llama.cpp's official converter from the same sdist.
+# A second run checks stamps and returns in seconds.
 #
-#   tools/setup.sh            portable CPU build (AVX2, no -march=native)
+#   tools/setup.sh            portable CPU build (AVX2, no -march=native), RPC backend on
 #   LLMPIPE_CUDA=1 tools/setup.sh
 #                             CUDA build for the V100 cluster (sm_70); load a CUDA module first
+#   LLMPIPE_RPC=0             build without the RPC backend (no rpc-server)
 #   LLMPIPE_CMAKE_ARGS="..."  replace the build flags entirely
 set -euo pipefail
 
@@ -60,43 +62,60 @@ if [ "$(cat "$DEPS/llama.cpp/.version" 2>/dev/null)" != "$LLAMA_CPP_PYTHON_VERSI
     mv "$DEPS/llama.cpp.tmp" "$DEPS/llama.cpp"
 fi
 
-# 4. The llama-cpp-python wheel: built once per (version, flags), then reinstalled from cache.
-# pip's own wheel cache ignores CMAKE_ARGS, so the cache here is keyed by the flags.
-PORTABLE="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF"
+# 4. The pinned llama.cpp, compiled once per (version, flags, build script) and cached per user:
+# one CMake build of the shared libraries and llama.cpp's own tools (tools/build_llama_cpp.sh).
+# llama-cpp-python is installed as its Python binding only (-DLLAMA_BUILD=OFF: no second compile
+# of the same sources) with the libraries of that build copied into its lib/ folder.
+PORTABLE="-DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF"
 if [ -n "${LLMPIPE_CMAKE_ARGS:-}" ]; then
     FLAGS=$LLMPIPE_CMAKE_ARGS
-elif [ "${LLMPIPE_CUDA:-0}" = 1 ]; then
-    FLAGS="$PORTABLE -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${LLMPIPE_CUDA_ARCH:-70}"
 else
     FLAGS=$PORTABLE
+    # RPC backend (one model over several hosts: rpc-server + the library's RPC client).
+    [ "${LLMPIPE_RPC:-1}" = 1 ] && FLAGS="$FLAGS -DGGML_RPC=ON"
+    [ "${LLMPIPE_CUDA:-0}" = 1 ] &&
+        FLAGS="$FLAGS -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${LLMPIPE_CUDA_ARCH:-70}"
 fi
-key=$(printf '%s %s' "$LLAMA_CPP_PYTHON_VERSION" "$FLAGS" | sha)
-WHEELDIR=$DEPS/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$key
+key=$( (printf '%s %s\n' "$LLAMA_CPP_PYTHON_VERSION" "$FLAGS" && cat tools/build_llama_cpp.sh) | sha)
+LLAMA_BIN=$DEPS/llama.cpp-bin
 # A per-user copy (~/.cache/llmpipe) lets other checkouts on the same machine skip the build.
-USER_WHEELDIR=${XDG_CACHE_HOME:-$HOME/.cache}/llmpipe/wheels/$(basename "$WHEELDIR")
-if ! ls "$WHEELDIR"/llama_cpp_python-*.whl >/dev/null 2>&1 &&
-    ls "$USER_WHEELDIR"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    log "reusing the llama-cpp-python wheel built for these flags in $USER_WHEELDIR"
-    mkdir -p "$(dirname "$WHEELDIR")"
-    cp -r "$USER_WHEELDIR" "$WHEELDIR"
+USER_BUILD=${XDG_CACHE_HOME:-$HOME/.cache}/llmpipe/llama.cpp/$LLAMA_CPP_PYTHON_VERSION-$key
+if [ "$(cat "$LLAMA_BIN/KEY" 2>/dev/null)" != "$key" ]; then
+    if [ -x "$USER_BUILD/bin/llama-server" ] && [ "$(cat "$USER_BUILD/KEY" 2>/dev/null)" = "$key" ]; then
+        log "reusing the llama.cpp build for these flags in $USER_BUILD"
+        rm -rf "$LLAMA_BIN.tmp" && cp -a "$USER_BUILD" "$LLAMA_BIN.tmp"
+    else
+        log "building llama.cpp $LLAMA_CPP_PYTHON_VERSION (flags: $FLAGS); takes minutes"
+        # shellcheck disable=SC2086  # FLAGS is a list of arguments
+        tools/build_llama_cpp.sh "$DEPS/llama.cpp" "$LLAMA_BIN.tmp" $FLAGS
+        printf '%s\n' "$FLAGS" >"$LLAMA_BIN.tmp/FLAGS"
+        printf '%s\n' "$LLAMA_CPP_PYTHON_VERSION" >"$LLAMA_BIN.tmp/VERSION"
+        echo "$key" >"$LLAMA_BIN.tmp/KEY"
+        mkdir -p "$(dirname "$USER_BUILD")" && rm -rf "$USER_BUILD.tmp" &&
+            cp -a "$LLAMA_BIN.tmp" "$USER_BUILD.tmp" && rm -rf "$USER_BUILD" &&
+            mv "$USER_BUILD.tmp" "$USER_BUILD" || log "could not copy the build to $USER_BUILD"
+    fi
+    rm -rf "$LLAMA_BIN"
+    mv "$LLAMA_BIN.tmp" "$LLAMA_BIN"
 fi
+# The binding: pure Python, built once per version.
+WHEELDIR=$DEPS/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-binding
 if ! ls "$WHEELDIR"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    log "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (flags: $FLAGS); takes minutes"
-    rm -rf "$WHEELDIR.tmp"
-    mkdir -p "$WHEELDIR.tmp"
-    CMAKE_ARGS="$FLAGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    log "building the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION binding (no compile)"
+    rm -rf "$WHEELDIR.tmp" && mkdir -p "$WHEELDIR.tmp"
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" \
         $PIP wheel -q --no-deps --no-cache-dir -w "$WHEELDIR.tmp" "$SDIST"
-    echo "$FLAGS" >"$WHEELDIR.tmp/FLAGS"
-    rm -rf "$WHEELDIR"
-    mv "$WHEELDIR.tmp" "$WHEELDIR"
-    mkdir -p "$(dirname "$USER_WHEELDIR")" && rm -rf "$USER_WHEELDIR.tmp" &&
-        cp -r "$WHEELDIR" "$USER_WHEELDIR.tmp" && rm -rf "$USER_WHEELDIR" &&
-        mv "$USER_WHEELDIR.tmp" "$USER_WHEELDIR" || log "could not copy the wheel to $USER_WHEELDIR"
+    rm -rf "$WHEELDIR" && mv "$WHEELDIR.tmp" "$WHEELDIR"
 fi
 if [ "$(cat "$VENV/.llama-cpp.stamp" 2>/dev/null)" != "$key" ]; then
-    log "installing llama-cpp-python from $WHEELDIR"
+    log "installing llama-cpp-python with the libraries of $LLAMA_BIN"
     $PIP install -q --no-deps --force-reinstall "$WHEELDIR"/llama_cpp_python-*.whl
     $PIP install -q diskcache jinja2 # llama-cpp-python's own runtime dependencies
+    libdir=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llama_cpp/lib
+    rm -rf "$libdir" && mkdir -p "$libdir"
+    cp -a "$LLAMA_BIN"/bin/lib*.so* "$libdir"/
+    "$VENV/bin/python" -c 'import llama_cpp; llama_cpp.llama_backend_init()' ||
+        { log "llama_cpp does not load the libraries copied to $libdir"; exit 1; }
     echo "$key" >"$VENV/.llama-cpp.stamp"
 fi
 
@@ -106,4 +125,4 @@ if [ ! -f "$VENV/.llmpipe.stamp" ] || [ pyproject.toml -nt "$VENV/.llmpipe.stamp
     $PIP install -q --no-deps -e .
     touch "$VENV/.llmpipe.stamp"
 fi
-log "ready: $VENV (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION, flags key $key)"
+log "ready: $VENV (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION, llama.cpp tools in $LLAMA_BIN/bin, flags key $key)"

@@ -14,7 +14,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from llmpipe.paths import REPO_ROOT
+from llmpipe.paths import REPO_ROOT, llama_build_flags
 
 PACKAGES = (
     "llmpipe",
@@ -120,6 +120,55 @@ def gpus() -> list[dict[str, str]]:
     return rows
 
 
+@functools.cache
+def llama_cpp_build() -> dict[str, object]:
+    """How the pinned llama.cpp (libraries and tools) was compiled: its CMake flags, and
+    whether they enable the CUDA and RPC backends."""
+    flags = llama_build_flags()
+    words = set((flags or "").split())
+    return {
+        "flags": flags,
+        "cuda": bool(words & {"-DGGML_CUDA=on", "-DGGML_CUDA=ON"}),
+        "rpc": bool(words & {"-DGGML_RPC=on", "-DGGML_RPC=ON"}),
+    }
+
+
+_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+
+
+def llama_cpp_devices() -> list[dict[str, str]]:
+    """The devices llama.cpp's backends found in this process (name, description, type).
+
+    A GPU appears only where the build has a GPU backend (CUDA) and the driver shows a device.
+    ``llama_supports_gpu_offload()`` cannot tell: it is also true for a CPU build with the RPC
+    backend. Imports llama_cpp (loads the libraries).
+    """
+    import ctypes
+
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for fn in (lib.ggml_backend_dev_name, lib.ggml_backend_dev_description):
+        fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    llama_cpp.llama_backend_init()
+    devices = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        devices.append(
+            {
+                "name": lib.ggml_backend_dev_name(dev).decode(errors="replace"),
+                "description": lib.ggml_backend_dev_description(dev).decode(errors="replace"),
+                "type": _DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "other"),
+            }
+        )
+    return devices
+
+
 def slurm_job() -> dict[str, str] | None:
     keys = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_PARTITION", "SLURM_JOB_GPUS")
     found = {k.lower(): os.environ[k] for k in keys if k in os.environ}
@@ -140,5 +189,6 @@ def collect(seed: int | None = None) -> dict[str, object]:
         "slurm": slurm_job(),
         "git": git_revision(),
         "packages": package_versions(),
+        "llama_cpp_build": llama_cpp_build(),
         "seed": seed,
     }
