@@ -129,13 +129,32 @@ def test_cluster_config_dry_run_lists_the_seed_models_with_gpu_requests(tmp_path
     assert "gres=" not in quantize
 
 
-def test_conda_env_pins_match_the_venv_requirements():
-    """workflow/envs/llmpipe.yaml (for --sdm conda) must not drift from env/requirements.txt."""
+def test_conda_env_installs_the_same_locks_as_setup():
+    """workflow/envs/llmpipe.yaml (for --sdm conda) installs the lock files, pins nothing itself."""
     env = yaml.safe_load((REPO / "workflow" / "envs" / "llmpipe.yaml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    lines = (REPO / "env" / "requirements.txt").read_text().splitlines()
-    required = {line for line in lines if line and not line.startswith("#")}
-    assert set(pip) - {"llama-cpp-python==0.3.36"} == required
+    assert pip == ["-r ../../env/requirements.lock", "-r ../../env/llama-cpp-python.lock"]
+    for line in pip:
+        assert (REPO / "workflow" / "envs" / line.split()[1]).is_file()
+
+
+def test_lock_pins_every_top_level_package_as_pyproject_does():
+    """env/requirements.lock is generated from pyproject.toml (tools/lock.sh): same pins."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    top = [*project["dependencies"], *project["optional-dependencies"]["gpu"]]
+    top += project["optional-dependencies"]["dev"]
+    locked = {}
+    for line in (REPO / "env" / "requirements.lock").read_text().splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            name, version = line.split(" ")[0].split("==")
+            locked[name.lower().replace("_", "-")] = version.split("+")[0]
+    for req in top:
+        name, version = req.split("==")
+        assert locked.get(name.lower().replace("_", "-")) == version, req
+    hashes = (REPO / "env" / "requirements.lock").read_text().count("--hash=sha256:")
+    assert hashes >= len(locked)
 
 
 def test_prompt_tokens_bound_from_the_longest_prompts_size():

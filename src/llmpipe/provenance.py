@@ -11,6 +11,7 @@ import platform
 import shutil
 import socket
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -40,6 +41,17 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+@functools.cache
+def environment_lock() -> dict[str, str] | None:
+    """The lock file this Python environment was installed from and its sha256 (written by
+    tools/setup.sh into the venv); None for an environment made otherwise."""
+    try:
+        name, digest = (Path(sys.prefix) / "llmpipe-lock.txt").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return {"file": name, "sha256": digest}
 
 
 @functools.cache
@@ -189,6 +201,7 @@ def collect(seed: int | None = None) -> dict[str, object]:
         "slurm": slurm_job(),
         "git": git_revision(),
         "packages": package_versions(),
+        "lock": environment_lock(),
         "llama_cpp_build": llama_cpp_build(),
         "seed": seed,
     }
