@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llmpipe import atomic, manifest
+from llmpipe import architectures, atomic, manifest
 from llmpipe.errors import IntegrityError, SourceError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -107,7 +107,22 @@ def needs_remote_code(config: dict) -> bool:
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
+    if architectures.transformers_config(config) is not None:
+        return False  # Falcon's older form: rewritten as the built-in falcon at download
     return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING_NAMES
+
+
+def builtin_config(folder: Path) -> dict[str, list]:
+    """Replace the link to an older-form Falcon config.json in our copy ``folder`` by the same
+    config in transformers' built-in form (the source stays as it is); return what changed."""
+    config = architectures.read_config(folder)
+    fixed = architectures.transformers_config(config) if config is not None else None
+    if fixed is None:
+        return {}
+    path = folder / "config.json"
+    path.unlink()
+    path.write_text(json.dumps(fixed, indent=2) + "\n")
+    return architectures.changed_keys(config, fixed)
 
 
 def check_safetensors(path: Path) -> None:
@@ -258,6 +273,9 @@ def fetch_model(
             link_folder(snap, tmp, allow_pickle)
         else:  # the schema's enum makes this unreachable from a validated config
             raise SourceError(f"models.{model_id}.source: unknown kind '{kind}'")
+        rewritten = builtin_config(tmp)
+        if rewritten:
+            origin["config_rewritten"] = rewritten
         check_hf_folder(tmp, allow_pickle, trust)
         files = manifest.build(tmp)
     return manifest.write_model_record(

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llmpipe import atomic, provenance
+from llmpipe import architectures, atomic, provenance
 from llmpipe.errors import ConfigError, IntegrityError, PipelineError, ResourceError
 from llmpipe.manifest import sha256_file
 from llmpipe.paths import LLAMA_CPP_DIR
@@ -91,11 +91,16 @@ def convert_hf_to_gguf(
     """
     script = converter_script()
     start = time.perf_counter()
-    with atomic.atomic_path(out_gguf) as tmp:
+    with (
+        architectures.converter_input(hf_dir) as (converter_dir, config_fixes),
+        atomic.atomic_path(out_gguf) as tmp,
+    ):
+        if config_fixes:
+            print(f"converter reads a corrected config.json: {config_fixes}", file=sys.stderr)
         cmd = [
             sys.executable,
             str(script),
-            str(hf_dir),
+            str(converter_dir),
             "--outfile",
             str(tmp),
             "--outtype",
@@ -114,6 +119,7 @@ def convert_hf_to_gguf(
         "sha256": digest,
         "seconds": round(time.perf_counter() - start, 3),
         "converter": str(script),
+        "converter_config_fixes": config_fixes,
         "staged_input": source_record,
         "provenance": provenance.collect(),
     }

@@ -618,9 +618,13 @@ def markdown(
     plots: Sequence[str],
     prov: Mapping[str, Any],
     finetune: Mapping[str, str] | None = None,
+    gguf_notes: Mapping[str, str] | None = None,
 ) -> str:
+    """summary.md; ``gguf_notes``: {model: why its GGUF steps were not run (or were forced)}."""
+    gguf_notes = gguf_notes or {}
     models = list(dict.fromkeys(r["model"] for r in summary))
     models += [m for m in dict.fromkeys(r["model"] for r in resources) if m not in models]
+    models += [m for m in gguf_notes if m not in models]
     out = [
         "# Results summary",
         "",
@@ -633,6 +637,8 @@ def markdown(
     for model in models:
         rows = [r for r in summary if r["model"] == model]
         out += [f"## {model}", ""]
+        if model in gguf_notes:
+            out += [f"GGUF (llama.cpp): {gguf_notes[model]}.", ""]
         references = [r for r in rows if _is_reference(r)]
         if rows:
             out += ["### The recipe's figures", ""]
@@ -879,6 +885,7 @@ def aggregate(
     loss_csvs: Mapping[str, str] | None = None,
     eval_estimates: Mapping[str, Sequence[Any]] | None = None,
     results: str | os.PathLike = "results",
+    gguf_notes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write every output of aggregate_stats; return counts (for the log)."""
     workdir = Path(results).parent
@@ -903,7 +910,7 @@ def aggregate(
     prov = provenance.collect()
     atomic.write_text(out_csv, to_csv(summary, SUMMARY_COLUMNS))
     atomic.write_text(out_resources, to_csv(resources, RESOURCE_COLUMNS))
-    atomic.write_text(out_md, markdown(summary, resources, plots, prov, finetune))
+    atomic.write_text(out_md, markdown(summary, resources, plots, prov, finetune, gguf_notes))
     atomic.write_json(
         out_provenance,
         {

@@ -14,6 +14,7 @@ _paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 if SRC not in _paths:
     os.environ.update(PYTHONPATH=os.pathsep.join([SRC, *_paths]))
 
+from llmpipe import architectures as arch  # noqa: E402
 from llmpipe import config as cfg  # noqa: E402
 from llmpipe import resources as res  # noqa: E402
 from llmpipe.finetune import settings as ft  # noqa: E402
@@ -30,6 +31,27 @@ TUNED_MODELS = ft.tuned_models(config)
 MODELS = BASE_MODELS + TUNED_MODELS
 REFERENCE = cfg.reference_variant(config)
 QUANTS = cfg.quant_types(config)
+# Which models the pinned llama.cpp can take (llmpipe.architectures, from each config.json):
+# the others keep every step that needs no GGUF; their GGUF steps are not scheduled.
+TUNED_BASES = {ft.tuned_id(base): base for base in ft.base_models(config)}
+GGUF_SUPPORT = arch.plan(
+    config["models"],
+    TUNED_BASES,
+    hub_cache_dir=config["hub"]["cache_dir"],
+)
+GGUF_MODELS = [m for m in MODELS if GGUF_SUPPORT[m].supported]
+GGUF_NOTES = {
+    m: (
+        s.reason
+        if s.supported
+        else f"not converted: {s.reason} (force with models.{TUNED_BASES.get(m, m)}.force_gguf: true)"
+    )
+    for m, s in GGUF_SUPPORT.items()
+    if s.reason
+}
+if workflow.is_main_process:
+    for _model, _note in GGUF_NOTES.items():
+        print(f"{_model}: GGUF steps {_note}", file=sys.stderr)
 
 
 wildcard_constraints:
@@ -41,6 +63,11 @@ def get_model_spec(wildcards):
     return config["models"][wildcards.model]
 
 
+def get_gguf_variants(model):
+    """The GGUF variants of a model: the reference and every quantization, or none."""
+    return [REFERENCE, *QUANTS] if GGUF_SUPPORT[model].supported else []
+
+
 def get_reference_gguf(wildcards):
     return f"results/gguf/{wildcards.model}/{wildcards.model}-{REFERENCE}.gguf"
 
@@ -50,7 +77,7 @@ def get_final_outputs():
     outputs = []
     for model in MODELS:
         outputs.append(f"results/staged/{model}/stage.json")
-        for variant in [REFERENCE, *QUANTS]:
+        for variant in get_gguf_variants(model):
             outputs.append(f"results/gguf/{model}/{model}-{variant}.gguf")
             outputs.append(f"results/gguf/{model}/{model}-{variant}.json")
     outputs.extend(get_eval_outputs())
@@ -147,12 +174,23 @@ def get_eval_outputs():
     outputs = []
     for model in MODELS:
         for backend in EVAL_BACKENDS:
-            for variant in EVAL_VARIANTS[backend]:
+            for variant in get_model_eval_variants(model, backend):
                 outputs.append(f"results/eval/{model}/{variant}-{backend}.json")
                 outputs.append(f"results/eval/{model}/{variant}-{backend}.texts.jsonl")
-        if EVAL["sweep"]["enabled"] and "llama.cpp" in EVAL_BACKENDS:
+        if (
+            EVAL["sweep"]["enabled"]
+            and "llama.cpp" in EVAL_BACKENDS
+            and model in GGUF_MODELS
+        ):
             outputs.append(f"results/eval/{model}/sweep-llama.cpp.tsv")
     return outputs
+
+
+def get_model_eval_variants(model, backend):
+    """The variants of ``model`` that ``backend`` evaluates (no GGUF ones without GGUF)."""
+    if backend == "llama.cpp" and model not in GGUF_MODELS:
+        return []
+    return EVAL_VARIANTS[backend]
 
 
 def get_eval_reference(backend):
@@ -329,7 +367,7 @@ def get_stats_records(wildcards):
     for model in MODELS:
         records.append(f"results/models/{model}/manifest.json")
         records.append(f"results/staged/{model}/stage.json")
-        for variant in [REFERENCE, *QUANTS]:
+        for variant in get_gguf_variants(model):
             records.append(f"results/gguf/{model}/{model}-{variant}.json")
     for path in get_stats_eval_jsons(wildcards):
         model, variant, backend = STATS_EVAL_JSON.fullmatch(path).groups()
@@ -419,7 +457,7 @@ def get_finetune_outputs():
             f"results/finetune/{model}/comparison.md",
             f"results/finetune/{model}/comparison.json",
         ]
-        if ft.resolve(config, model).adapter_gguf:
+        if ft.resolve(config, model).adapter_gguf and model in GGUF_MODELS:
             outputs.append(f"results/finetune/{model}/adapter-F16.gguf")
     return outputs
 

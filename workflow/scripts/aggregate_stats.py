@@ -12,5 +12,6 @@ with logged(snakemake.log[0], snakemake.rule):
         out_provenance=snakemake.output.provenance,
         loss_csvs=snakemake.params.losses,
         eval_estimates=snakemake.params.eval_estimates,
+        gguf_notes=snakemake.params.gguf_notes,
     )
     print(f"aggregate_stats: {counts}")

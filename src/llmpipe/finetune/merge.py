@@ -114,16 +114,18 @@ def adapter_to_gguf(
     outtype: str = "f16",
 ) -> dict:
     """Convert a PEFT LoRA adapter to a GGUF adapter with the pinned llama.cpp converter."""
+    from llmpipe.architectures import converter_input
     from llmpipe.gguf import gguf_info
 
     script = lora_converter()
     start = time.perf_counter()
-    with atomic.atomic_path(out_gguf) as tmp:
+    # the LoRA converter reads the base's config.json the way the model converter does
+    with converter_input(base_hf) as (base_dir, config_fixes), atomic.atomic_path(out_gguf) as tmp:
         cmd = [
             sys.executable,
             str(script),
             "--base",
-            str(base_hf),
+            str(base_dir),
             "--outfile",
             str(tmp),
             "--outtype",
@@ -143,6 +145,7 @@ def adapter_to_gguf(
         "gguf": str(out_gguf),
         "adapter": str(adapter_dir),
         "base": str(base_hf),
+        "converter_config_fixes": config_fixes,
         "outtype": outtype,
         **info,
         "sha256": digest,
