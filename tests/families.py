@@ -29,7 +29,16 @@ FAMILIES = {
     "falcon-rw-1b": ("falcon-rw-1b.json", "bpe"),
     "smollm2": ("smollm2-135m.json", "bpe"),
 }
-HIDDEN, LAYERS, HEADS = 256, 2, 4  # K-quant blocks are 256 wide: Q4_K_M stays Q4_K_M
+HIDDEN, LAYERS, HEADS = 256, 2, 8  # K-quant blocks are 256 wide: Q4_K_M stays Q4_K_M
+
+
+def _kv_heads(kv: int, heads: int) -> int:
+    """Key/value heads of the shrunk model: as many as the heads, one, or a real grouping (2)."""
+    if kv >= heads:
+        return HEADS
+    if kv == 1:
+        return 1
+    return max(2, HEADS * kv // heads)
 
 
 def shrink(config: dict, vocab_size: int, bos: int, eos: int) -> dict:
@@ -40,10 +49,9 @@ def shrink(config: dict, vocab_size: int, bos: int, eos: int) -> dict:
     layer_key = "n_layer" if "n_layer" in out else "num_hidden_layers"
     heads = out[head_key]
     out.update({head_key: HEADS, layer_key: LAYERS, "hidden_size": HIDDEN})
-    if "num_key_value_heads" in out:  # grouped-query attention: keep the ratio (at least 1)
-        out["num_key_value_heads"] = max(1, HEADS * out["num_key_value_heads"] // heads)
-    if "num_kv_heads" in out:
-        out["num_kv_heads"] = max(1, HEADS * out["num_kv_heads"] // heads)
+    for key in ("num_key_value_heads", "num_kv_heads"):
+        if key in out:
+            out[key] = _kv_heads(out[key], heads)
     if "intermediate_size" in out:
         out["intermediate_size"] = 2 * HIDDEN
     if "max_position_embeddings" in out:
@@ -126,6 +134,10 @@ def make_checkpoint(family: str, folder: Path, bpe_cache: Path, seed: int = 0) -
     hf_config = AutoConfig.for_model(**{k: v for k, v in built.items() if k != "architectures"})
     hf_config.architectures = built["architectures"]
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    with torch.no_grad():  # norms and biases off their identity init: wiring errors show
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder

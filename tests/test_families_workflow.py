@@ -113,8 +113,8 @@ def test_multi_query_falcon_was_converted_with_one_kv_head(families_run):
     base = json.loads((workdir / "results/gguf/falcon-7b/falcon-7b-F16.json").read_text())
     assert base["converter_config_fixes"] == {"num_kv_heads": [None, 1]}
     tuned = json.loads((workdir / "results/gguf/falcon-7b-ft/falcon-7b-ft-F16.json").read_text())
-    # the merge's save_pretrained wrote AutoConfig's filled-in value: 4 heads, not 1
-    assert tuned["converter_config_fixes"] == {"num_kv_heads": [4, 1]}
+    # the merge's save_pretrained wrote AutoConfig's filled-in value: 8 heads, not 1
+    assert tuned["converter_config_fixes"] == {"num_kv_heads": [8, 1]}
     grouped = json.loads((workdir / "results/gguf/falcon-40b/falcon-40b-F16.json").read_text())
     assert grouped["converter_config_fixes"] == {}
     assert (
