@@ -15,6 +15,7 @@ if SRC not in _paths:
     os.environ.update(PYTHONPATH=os.pathsep.join([SRC, *_paths]))
 
 from llmpipe import config as cfg  # noqa: E402
+from llmpipe import imatrix as imat  # noqa: E402
 from llmpipe import resources as res  # noqa: E402
 from llmpipe.finetune import settings as ft  # noqa: E402
 from snakemake.common import overwrite_function_params  # noqa: E402
@@ -29,7 +30,8 @@ BASE_MODELS = cfg.model_ids(config)
 TUNED_MODELS = ft.tuned_models(config)
 MODELS = BASE_MODELS + TUNED_MODELS
 REFERENCE = cfg.reference_variant(config)
-QUANTS = cfg.quant_types(config)
+# Quantized variants: the plain types, then the <TYPE>-imat ones (quantize.imatrix.types).
+QUANTS = cfg.quant_variants(config)
 
 
 wildcard_constraints:
@@ -69,9 +71,9 @@ def get_final_outputs():
 #
 # For any rule:  mem_mb=get_mem_mb(STEP, **options), runtime=get_runtime(STEP, **options),
 # and for GPU rules the count: get_gpus(STEP, **options).
-# STEP: download, cache_to_shm, convert_to_gguf, quantize, evaluate_llama_cpp,
+# STEP: download, cache_to_shm, convert_to_gguf, imatrix, quantize, evaluate_llama_cpp,
 # evaluate_transformers, finetune, merge_lora. Options are keyword arguments of the estimator
-# function (llmpipe.estimate.download/stage/convert/quantize/evaluate_llama_cpp/
+# function (llmpipe.estimate.download/stage/convert/imatrix/quantize/evaluate_llama_cpp/
 # evaluate_transformers/finetune/merge); a value may be a function of the wildcards;
 # hw="cpu" or "v100"; `threads` is the rule's own. E.g.
 # get_mem_mb("evaluate_llama_cpp", quant=get_variant, hw="cpu"),
@@ -306,6 +308,73 @@ def get_eval_gpus(kind):
         return max(1, get_resource_plan(step, wildcards, threads, 1, opts).gpus)
 
     return _fixed_signature(gpus)
+
+
+# ---- Importance matrix (workflow/rules/gguf.smk: imatrix, quantize) ------------------------
+# One matrix per model (llama-imatrix on the reference GGUF), used by every <TYPE>-imat
+# quantization of it; the calibration text is quantize.imatrix.text, or with null the part of
+# evaluate.text after the evaluation's perplexity chunks (llmpipe.imatrix).
+IMATRIX = config["quantize"]["imatrix"]
+if workflow.is_main_process:  # once per run, not again inside every job
+    for _warning in imat.planning_warnings(config):
+        print(f"warning: {_warning}", file=sys.stderr)
+
+
+def get_quant_type(wildcards):
+    """The llama.cpp type of a variant: Q4_K_M for both Q4_K_M and Q4_K_M-imat."""
+    return cfg.split_variant(wildcards.quant)[0]
+
+
+def get_quantize_input(wildcards):
+    """The reference GGUF, and for a -imat variant the model's importance matrix."""
+    inputs = {"gguf": get_reference_gguf(wildcards)}
+    if cfg.split_variant(wildcards.quant)[1]:
+        inputs["imatrix"] = f"results/gguf/{wildcards.model}/{wildcards.model}.imatrix"
+    return inputs
+
+
+def get_imatrix_input(wildcards):
+    """The reference GGUF, the evaluation text (its chunks are cut off or checked against)
+    and the user's calibration text when there is one."""
+    inputs = {"gguf": get_reference_gguf(wildcards), "eval_text": EVAL["text"]}
+    if IMATRIX["text"] is not None:
+        inputs["text"] = IMATRIX["text"]
+    return inputs
+
+
+def is_imatrix_on_gpu():
+    return EVAL["llama_cpp"]["n_gpu_layers"] != 0
+
+
+def get_imatrix_chunks():
+    """Chunks llama-imatrix will read (from the text's size, ~4 bytes per token, before it is
+    tokenized): at most quantize.imatrix.chunks; the default text starts after the eval's."""
+    n_ctx = IMATRIX["n_ctx"]
+    try:
+        if IMATRIX["text"] is None:
+            used = get_eval_chunks() * EVAL["perplexity"]["n_ctx"] * 4
+            size = os.path.getsize(EVAL["text"]) - used
+        else:
+            size = os.path.getsize(IMATRIX["text"])
+    except OSError:
+        size = 0
+    return max(1, min(IMATRIX["chunks"], size // 4 // n_ctx))
+
+
+IMATRIX_ESTIMATE = {
+    "source": REFERENCE,
+    "hw": "v100" if is_imatrix_on_gpu() else "cpu",
+    "n_ctx": IMATRIX["n_ctx"],
+    "chunks": get_imatrix_chunks(),
+}
+
+
+def get_imatrix_gpus(wildcards, input, threads, attempt):
+    """GPUs of the imatrix job: as a llama.cpp evaluation, one at least when layers go there."""
+    if not is_imatrix_on_gpu():
+        return 0
+    plan = get_resource_plan("imatrix", wildcards, threads, 1, IMATRIX_ESTIMATE)
+    return max(1, plan.gpus)
 
 
 # ---- Statistics (workflow/rules/report.smk) ------------------------------------------------
