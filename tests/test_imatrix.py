@@ -105,6 +105,13 @@ def test_bad_imatrix_settings_name_the_key(imatrix, expected):
     assert check(config).startswith(expected)
 
 
+def test_the_reference_type_gets_no_imat_variant():
+    config = default_config()
+    config["convert"]["outtype"] = "q8_0"
+    config["quantize"] = {"types": ["Q4_K_M"], "imatrix": {"types": ["Q8_0"]}}
+    assert check(config).startswith("quantize.imatrix.types: 'Q8_0' is the reference GGUF itself")
+
+
 def test_a_missing_calibration_file_is_one_error_naming_the_key_and_the_path():
     config = default_config()
     config["quantize"]["imatrix"] = {"types": ["Q4_K_M"], "text": "config/eval/nope.txt"}
@@ -162,8 +169,8 @@ def test_the_default_calibration_text_starts_where_the_evaluation_chunks_end(voc
     tokens = lb.tokenize(vocab, body)
     chunks = metrics.make_chunks(tokens, 512, 8)  # exactly what write_reference scores
     assert (cut.chunks, cut.eval_tokens, cut.text_tokens) == (8, chunks.size, len(tokens))
-    evaluated = vocab.detokenize(tokens[1 : chunks.size])  # BOS first: SmolLM2 adds one
-    assert tokens[0] == lb.bos_for_chunks(vocab)
+    assert lb.bos_for_chunks(vocab) is None  # SmolLM2 adds no BOS (a Llama 2 would: skipped)
+    evaluated = vocab.detokenize(tokens[: chunks.size])
     assert data[: cut.byte] == evaluated  # every evaluated token lies before the cut ...
     first_after = vocab.detokenize([tokens[chunks.size]])
     assert data[cut.byte :].startswith(first_after)  # ... and the next one starts it
@@ -171,8 +178,8 @@ def test_the_default_calibration_text_starts_where_the_evaluation_chunks_end(voc
     assert lb.tokenize(vocab, data[: cut.byte].decode()) == tokens[: chunks.size]
     tail = data[cut.byte :].decode("utf-8")
     assert imat.text_overlap(tail, data[: cut.byte].decode())["shared_passages"] == 0
-    # GPL-3 with SmolLM2: ~8.2k tokens, 4096 evaluated, the rest is 7 chunks of 512
-    assert len(lb.tokenize(vocab, tail)) // 512 == 7
+    # GPL-3 with SmolLM2: 7.6k tokens, 4096 evaluated, the rest (3.5k) is 6 chunks of 512
+    assert len(lb.tokenize(vocab, tail)) // 512 == 6
     # all chunks (null): the cut moves to the end of the last whole chunk
     whole = imat.calibration_cut(vocab, body, 512, None)
     assert whole.chunks == len(tokens) // 512 and whole.byte > cut.byte
@@ -204,7 +211,7 @@ def test_overlap_of_a_calibration_text_with_the_evaluated_part():
 def test_the_planner_warns_about_a_calibration_text_that_overlaps(tmp_path):
     config = imatrix_config(text=str(GPL))
     (warning,) = imat.planning_warnings(config, REPO)
-    assert "overlaps the part the evaluation chunks may cover" in warning
+    assert "overlaps evaluate.text config/eval/gpl-3.0.txt where its evaluation chunks" in warning
     other = tmp_path / "other.txt"
     other.write_text(" ".join(f"word{i} and more text" for i in range(3000)))
     assert imat.planning_warnings(imatrix_config(text=str(other)), REPO) == []
@@ -225,6 +232,73 @@ def test_a_too_short_calibration_text_is_refused_before_llama_imatrix_runs(tmp_p
 
 
 # ---- llama-imatrix ------------------------------------------------------------------------
+
+
+def fake_tool(folder: Path, rc: int = 0) -> Path:
+    """A stand-in llama-imatrix: copies the text it is given to $SEEN, writes a GGUF-headed
+    file to -o and prints its perplexity line (or fails with ``rc``)."""
+    folder.mkdir(exist_ok=True)
+    tool = folder / "llama-imatrix"
+    tool.write_text(
+        "#!/bin/sh\n"
+        'while [ $# -gt 0 ]; do case "$1" in -o) out=$2;; -f) text=$2;; esac; shift; done\n'
+        'cp "$text" "$SEEN"\n'
+        f"[ {rc} -eq 0 ] || {{ echo 'no luck' >&2; exit {rc}; }}\n"
+        'printf GGUFfake > "$out"\n'
+        "echo 'Final estimate: PPL = 12.5000 +/- 0.10000'\n"
+    )
+    tool.chmod(0o755)
+    return folder
+
+
+def test_a_users_calibration_text_that_overlaps_is_recorded_with_its_warning(
+    tmp_path, monkeypatch, vocab, capsys
+):
+    from llmpipe import paths
+
+    monkeypatch.setattr(paths, "LLAMA_BIN_DIR", fake_tool(tmp_path / "bin"))
+    monkeypatch.setenv("SEEN", str(tmp_path / "seen.txt"))
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(GPL.read_text()[2000:])  # inside the evaluation chunks
+    out = tmp_path / "m" / "m.imatrix"
+    record = imat.compute_imatrix(
+        reference=vocab.model_path, out=out, record_path=tmp_path / "m" / "m.imatrix.json",
+        eval_text=GPL, eval_n_ctx=512, eval_chunks=8, text=calibration, chunks=3, n_ctx=256,
+        model_id="m",
+    )  # fmt: skip
+    assert out.read_bytes() == b"GGUFfake"
+    assert json.loads((tmp_path / "m" / "m.imatrix.json").read_text()) == json.loads(
+        json.dumps(record)
+    )
+    assert record["warning"].startswith(f"quantize.imatrix.text: {calibration} overlaps the eval")
+    assert f"warning: {record['warning']}" in capsys.readouterr().err
+    assert record["overlap"]["shared_fraction"] > 0.95
+    cal = record["calibration"]
+    assert (cal["default"], cal["chunks"], cal["n_ctx"], cal["ppl"]) == (False, 3, 256, 12.5)
+    # the tool read the start of the user's file (all of it that 3 x 256 tokens can need)
+    seen = (tmp_path / "seen.txt").read_bytes()
+    assert calibration.read_bytes().startswith(seen) and cal["bytes"] == len(seen)
+    assert cal["file_bytes"] == calibration.stat().st_size > len(seen)
+    assert record["command"][record["command"].index("-o") + 1] == str(out)
+    assert "<calibration text>" in record["command"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.imatrix", "m.imatrix.json"]
+
+
+def test_a_failing_llama_imatrix_leaves_nothing_behind(tmp_path, monkeypatch, vocab):
+    from llmpipe import paths
+    from llmpipe.errors import PipelineError
+
+    monkeypatch.setattr(paths, "LLAMA_BIN_DIR", fake_tool(tmp_path / "bin", rc=3))
+    monkeypatch.setenv("SEEN", str(tmp_path / "seen.txt"))
+    out = tmp_path / "m" / "m.imatrix"
+    with pytest.raises(PipelineError, match=r"llama-imatrix failed on .* \(exit 3\): no luck"):
+        imat.compute_imatrix(
+            reference=vocab.model_path, out=out, record_path=tmp_path / "m" / "m.json",
+            eval_text=GPL, eval_n_ctx=512, eval_chunks=8, n_ctx=256,
+        )  # fmt: skip
+    # the default text was the part after the evaluation chunks
+    assert GPL.read_bytes().endswith((tmp_path / "seen.txt").read_bytes())
+    assert list(out.parent.iterdir()) == []
 
 
 def test_the_llama_imatrix_command_line(tmp_path, monkeypatch):
@@ -306,7 +380,7 @@ def test_the_matrix_record_and_the_imat_quantizations(imatrix_run):
     evaluation = record["evaluation"]
     assert calibration["default"] and calibration["from_byte"] == evaluation["byte"] > 0
     assert calibration["bytes"] == GPL.stat().st_size - evaluation["byte"]
-    assert calibration["chunks"] == calibration["tokens"] // 512 == 7
+    assert calibration["chunks"] == calibration["tokens"] // 512 == 6
     assert evaluation["chunks"] == 8 and evaluation["eval_tokens"] == 8 * 512
     assert record["overlap"] is None and record["warning"] is None
     assert record["predicted"]["step"] == "imatrix" and record["measured"]["peak_mem_mb"] > 0

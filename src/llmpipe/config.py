@@ -182,9 +182,10 @@ def _check_imatrix(config: dict, workdir: Path) -> None:
     types = imatrix_types(config)
     for quant in types:
         if quant in _NO_IMATRIX or quant == reference_variant(config):
+            what = "the reference GGUF itself" if quant == reference_variant(config) else "no"
             raise ConfigError(
-                f"quantize.imatrix.types: '{quant}' is not quantized from the reference, an "
-                f"importance matrix cannot change it (expected a type such as Q4_K_M or IQ2_XS)"
+                f"quantize.imatrix.types: '{quant}' is {what} quantization: an importance "
+                f"matrix cannot change it (expected a type such as Q4_K_M, Q2_K or IQ2_XS)"
             )
     if not types or not any(uses_imatrix(config, m) for m in config["models"]):
         return

@@ -153,9 +153,14 @@ def overlap_warning(overlap: dict, text: str, eval_text: str, exact: bool = True
     """The warning for a calibration text that shares passages with the evaluated part."""
     if not overlap["shared_passages"]:
         return None
-    part = "the evaluation chunks" if exact else "the part the evaluation chunks may cover"
+    part = (
+        f"the evaluation chunks of evaluate.text {eval_text}"
+        if exact
+        else f"evaluate.text {eval_text} where its evaluation chunks may lie (the imatrix job "
+        f"checks the exact tokens)"
+    )
     return (
-        f"quantize.imatrix.text: {text} overlaps {part} of evaluate.text {eval_text}: "
+        f"quantize.imatrix.text: {text} overlaps {part}: "
         f"{overlap['shared_passages']} of its {overlap['calibration_passages']} passages of "
         f"{overlap['words']} words also occur there ({100 * overlap['shared_fraction']:.1f} %), "
         f"so the -imat variants are scored partly on their own calibration data (null takes "

@@ -347,8 +347,8 @@ def is_imatrix_on_gpu():
 
 
 def get_imatrix_chunks():
-    """Chunks llama-imatrix will read (from the text's size, ~4 bytes per token, before it is
-    tokenized): at most quantize.imatrix.chunks; the default text starts after the eval's."""
+    """Chunks llama-imatrix will read, at most quantize.imatrix.chunks (from the text's size,
+    ~4 bytes per token; the default text is what follows the evaluation chunks)."""
     n_ctx = IMATRIX["n_ctx"]
     try:
         if IMATRIX["text"] is None:

@@ -52,7 +52,6 @@ rule imatrix:
         gres=get_gres(get_imatrix_gpus),
         slurm_partition=get_partition(get_imatrix_gpus),
     params:
-        text=IMATRIX["text"],
         n_ctx=IMATRIX["n_ctx"],
         chunks=IMATRIX["chunks"],
         eval_n_ctx=EVAL["perplexity"]["n_ctx"],
