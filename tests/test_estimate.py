@@ -412,6 +412,7 @@ STEPS = [
     "download",
     "stage",
     "convert",
+    "imatrix",
     "quantize",
     "evaluate-transformers",
     "evaluate-llama.cpp",

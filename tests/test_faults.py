@@ -60,11 +60,45 @@ def test_unknown_quant():
     assert msg.startswith("quantize.types[1]: 'Q4_K_X' is not one of")
 
 
-@fault("a quantization type that needs an importance matrix", "'IQ2_XS' needs an importance")
-def test_imatrix_quant():
-    assert "'IQ2_XS' needs an importance matrix" in config_error(
-        lambda c: c["quantize"].update(types=["IQ2_XS"])
+@fault(
+    "an IQ type without an imatrix",
+    "quantize.types: 'IQ2_XS' needs an importance matrix: list it under quantize.imatrix.types",
+)
+def test_imatrix_quant(tmp_path):
+    msg = config_error(lambda c: c["quantize"].update(types=["IQ2_XS"]))
+    assert msg.startswith(
+        "quantize.types: 'IQ2_XS' needs an importance matrix: list it under quantize.imatrix.types"
     )
+    # listed there it is allowed: the variant IQ2_XS-imat is quantized with the model's matrix
+    config = default_config()
+    config["quantize"]["imatrix"] = {"types": ["IQ2_XS"]}
+    cfg.check(cfg.validate(config, SCHEMA), workdir=REPO)
+    assert cfg.quant_variants(config) == ["Q8_0", "Q4_K_M", "IQ2_XS-imat"]
+    # and the quantization itself refuses it without a matrix, before reading anything
+    from llmpipe.gguf import quantize_gguf
+
+    out = tmp_path / "m-IQ2_XS.gguf"
+    with pytest.raises(ConfigError, match="'IQ2_XS' needs an importance matrix: list it under"):
+        quantize_gguf(tmp_path / "missing-F16.gguf", out, "IQ2_XS", 2, tmp_path / "m.json")
+    assert not list(tmp_path.iterdir())
+
+
+@fault("a missing calibration text", "quantize.imatrix.text: file …/nope.txt does not exist")
+def test_missing_calibration_text():
+    def mutate(c):
+        c["quantize"]["imatrix"] = {"types": ["Q4_K_M"], "text": "config/eval/nope.txt"}
+
+    msg = config_error(mutate)
+    assert msg.startswith(f"quantize.imatrix.text: file {REPO}/config/eval/nope.txt does not exist")
+    assert "expected a UTF-8 calibration text" in msg
+
+    # with the default (null) the calibration text is cut from evaluate.text: that one must exist
+    def default_text(c):
+        c["quantize"]["imatrix"] = {"types": ["Q4_K_M"]}
+        c["evaluate"]["text"] = "no.txt"
+
+    msg = config_error(default_text)
+    assert msg.startswith(f"evaluate.text: file {REPO}/no.txt does not exist (quantize.imatrix")
 
 
 @pytest.mark.parametrize("name", ["org/model", "../escape", "my model", ".hidden", "a" * 65])

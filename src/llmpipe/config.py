@@ -22,8 +22,14 @@ QUANT_TYPES = (
     "IQ3_XXS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
     "F16", "BF16", "F32",
 )  # fmt: skip
-# These produce garbage (or llama.cpp refuses them) without an importance matrix.
+# These produce garbage (or llama.cpp refuses them) without an importance matrix: allowed only in
+# quantize.imatrix.types, whose variants are quantized with one (llmpipe.imatrix).
 IMATRIX_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
+# The variant a type quantized with the model's importance matrix is called: "Q4_K_M-imat" next to
+# the plain "Q4_K_M", so the quality table compares the two (llmpipe.estimate strips it too).
+IMATRIX_SUFFIX = "-imat"
+# Types an importance matrix means nothing for (no quantization, or none llama.cpp weights).
+_NO_IMATRIX = ("F16", "BF16", "F32")
 
 # The converter's --outtype values and the variant name the reference GGUF gets.
 OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
@@ -96,6 +102,45 @@ def quant_types(config: dict) -> list[str]:
     return list(config["quantize"]["types"])
 
 
+def imatrix_section(config: dict) -> dict:
+    """``quantize.imatrix`` (its schema defaults where a config was not filled by validate)."""
+    defaults = {"types": [], "text": None, "chunks": 100, "n_ctx": 512}
+    return {**defaults, **config["quantize"].get("imatrix", {})}
+
+
+def imatrix_types(config: dict) -> list[str]:
+    """The types that also get a ``<TYPE>-imat`` variant (``quantize.imatrix.types``)."""
+    return list(imatrix_section(config)["types"])
+
+
+def uses_imatrix(config: dict, model: str) -> bool:
+    """Whether ``model`` gets the ``-imat`` variants: not with ``models.<id>.imatrix: false``.
+    A tuned model (``<id>-ft``) follows its base model's setting."""
+    spec = config["models"].get(model)
+    if spec is None and model.endswith("-ft"):
+        spec = config["models"].get(model.removesuffix("-ft"))
+    return bool((spec or {}).get("imatrix", True))
+
+
+def quant_variants(config: dict, model: str | None = None) -> list[str]:
+    """The quantized variants: the plain types, then the ``-imat`` ones (``Q4_K_M-imat``).
+
+    With ``model``: that model's list (no ``-imat`` variants when it opts out); without: every
+    variant any model may have (the wildcard constraint).
+    """
+    plain = quant_types(config)
+    if model is not None and not uses_imatrix(config, model):
+        return plain
+    return plain + [f"{quant}{IMATRIX_SUFFIX}" for quant in imatrix_types(config)]
+
+
+def split_variant(variant: str) -> tuple[str, bool]:
+    """``"Q4_K_M-imat"`` -> ``("Q4_K_M", True)``; ``"Q4_K_M"`` -> ``("Q4_K_M", False)``."""
+    if variant.endswith(IMATRIX_SUFFIX):
+        return variant.removesuffix(IMATRIX_SUFFIX), True
+    return variant, False
+
+
 def model_ids(config: dict) -> list[str]:
     return list(config["models"])
 
@@ -108,8 +153,9 @@ def check(config: dict, workdir: str | Path = ".") -> None:
     for quant in quant_types(config):
         if quant in IMATRIX_TYPES:
             raise ConfigError(
-                f"quantize.types: '{quant}' needs an importance matrix, which this workflow does "
-                f"not compute; choose one of {', '.join(QUANT_TYPES)}"
+                f"quantize.types: '{quant}' needs an importance matrix: list it under "
+                f"quantize.imatrix.types instead (its variant '{quant}{IMATRIX_SUFFIX}' is then "
+                f"quantized with the model's matrix from llama-imatrix)"
             )
         if quant not in QUANT_TYPES:
             raise ConfigError(
@@ -123,12 +169,38 @@ def check(config: dict, workdir: str | Path = ".") -> None:
     dupes = {q for q in quant_types(config) if quant_types(config).count(q) > 1}
     if dupes:
         raise ConfigError(f"quantize.types: listed twice: {', '.join(sorted(dupes))}")
+    _check_imatrix(config, Path(workdir))
     for model_id, spec in config["models"].items():
         _check_model(model_id, spec)
     prompts = Path(workdir, config["prompts"])
     if not prompts.is_file():
         raise ConfigError(f"prompts: file {prompts} does not exist (expected one prompt per line)")
     read_prompts(prompts)  # an empty file is an error now, not after the model chain ran
+
+
+def _check_imatrix(config: dict, workdir: Path) -> None:
+    types = imatrix_types(config)
+    for quant in types:
+        if quant in _NO_IMATRIX or quant == reference_variant(config):
+            what = "the reference GGUF itself" if quant == reference_variant(config) else "no"
+            raise ConfigError(
+                f"quantize.imatrix.types: '{quant}' is {what} quantization: an importance "
+                f"matrix cannot change it (expected a type such as Q4_K_M, Q2_K or IQ2_XS)"
+            )
+    if not types or not any(uses_imatrix(config, m) for m in config["models"]):
+        return
+    text = imatrix_section(config)["text"]
+    if text is not None and not Path(workdir, text).is_file():
+        raise ConfigError(
+            f"quantize.imatrix.text: file {Path(workdir, text)} does not exist (expected a UTF-8 "
+            f"calibration text; null = the part of evaluate.text after the evaluation chunks)"
+        )
+    evaluate = config.get("evaluate", {}).get("text")
+    if text is None and evaluate is not None and not Path(workdir, evaluate).is_file():
+        raise ConfigError(
+            f"evaluate.text: file {Path(workdir, evaluate)} does not exist (quantize.imatrix.text "
+            f"is null, so the calibration text is the part of it after the evaluation chunks)"
+        )
 
 
 _SOURCE_KEYS = {"package": ("package", "file"), "dir": ("path",), "hub": ("repo_id",)}

@@ -125,9 +125,17 @@ _ALIASES: dict[str, str] = {
 CONVERTER_OUTTYPES = ("f32", "f16", "bf16", "Q8_0")
 
 
+# A variant quantized with an importance matrix ("Q4_K_M-imat", llmpipe.config.IMATRIX_SUFFIX,
+# not imported: this module stays free of the config's yaml) stores exactly its type's bits.
+IMATRIX_SUFFIX = "-imat"
+
+
 def normalize_format(name: str) -> str:
-    """Canonical spelling of a dtype or quant type: ``f16``, ``bf16``, ``Q4_K_M``, ``nf4``..."""
+    """Canonical spelling of a dtype or quant type: ``f16``, ``bf16``, ``Q4_K_M``, ``nf4``...
+    (a ``-imat`` variant is its type: ``Q4_K_M-imat`` -> ``Q4_K_M``)."""
     key = str(name).strip()
+    if key.lower().endswith(IMATRIX_SUFFIX):
+        key = key[: -len(IMATRIX_SUFFIX)]
     alias = _ALIASES.get(key.lower())
     if alias is not None:
         return alias
@@ -1454,6 +1462,55 @@ def evaluate_llama_cpp(
     )
 
 
+def imatrix(
+    shape: ModelShape,
+    *,
+    source: str = "f16",
+    hw: Hardware = V100,
+    n_ctx: int = 512,
+    chunks: int = 100,
+    staged: bool = False,
+    a: Assumptions = DEFAULTS,
+) -> Estimate:
+    """llama.cpp's ``llama-imatrix`` on the reference GGUF (``source``): the importance matrix
+    of a model's ``-imat`` variants, from ``chunks`` chunks of ``n_ctx`` tokens.
+
+    It is the perplexity evaluation of the reference (``evaluate_llama_cpp``: one pass per chunk
+    from an empty cache, run with ``-b n_ctx``), with the logits of every position kept (the
+    tool scores each chunk's second half but asks for all rows), flash attention as llama.cpp
+    leaves it by default (off: planned with the attention scores), plus what the tool adds on
+    the host: the matrix (an f32 sum of squares and a count per input column of every layer
+    matrix) and the copy of a matmul's input it takes from a GPU (``n_ctx`` rows of the widest
+    input, f32).
+    """
+    base = evaluate_llama_cpp(
+        shape,
+        quant=source,
+        hw=hw,
+        batch=1,
+        seq_len=n_ctx - 1,
+        new_tokens=1,
+        samples=chunks,
+        n_ctx=n_ctx,
+        flash_attn=False,
+        outputs=n_ctx,
+        staged=staged,
+        a=a,
+    )
+    columns = shape.n_layers * sum(lin.d_in for lin in shape.layer_linears())
+    matrix = columns * (4 + 4)
+    copy = n_ctx * max(lin.d_in for lin in shape.layer_linears()) * 4 if hw.is_gpu else 0
+    peak = base.detail["host_peak_bytes"] + matrix + copy
+    notes = (*base.notes, f"{chunks} chunks x {n_ctx} tokens of calibration text")
+    return replace(
+        base,
+        step="imatrix",
+        mem_mb=_host_mb(peak, a),
+        notes=notes,
+        detail={**base.detail, "matrix_bytes": matrix, "host_peak_bytes": peak},
+    )
+
+
 def evaluate(shape: ModelShape, backend: str = "transformers", **kwargs: Any) -> Estimate:
     """Dispatch to ``evaluate_transformers`` or ``evaluate_llama_cpp`` by backend name."""
     if backend == "transformers":
@@ -1684,6 +1741,7 @@ def estimate_all(
         download(shape, a=a),
         stage(shape, a=a),
         convert(shape, staged=staged, a=a),
+        imatrix(shape, hw=hw, staged=staged, a=a),
         quantize(shape, quant, staged=staged, a=a),
         evaluate_transformers(
             shape, dtype=dtype, hw=hw, batch=batch, seq_len=seq_len, new_tokens=new_tokens,

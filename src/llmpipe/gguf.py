@@ -3,7 +3,9 @@
 - Conversion runs llama.cpp's official ``convert_hf_to_gguf.py`` from the same sdist the runtime
   was built from (``LLAMA_CPP_DIR``), with that tree's own ``gguf-py``: converter and runtime
   always agree on the format.
-- Quantization calls ``llama_model_quantize`` in-process (the library llama-quantize wraps).
+- Quantization calls ``llama_model_quantize`` in-process (the library llama-quantize wraps);
+  with an importance matrix (the ``<TYPE>-imat`` variants) it runs llama.cpp's own
+  ``llama-quantize --imatrix`` from the same pinned build.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmpipe import architectures, atomic, provenance
+from llmpipe.config import IMATRIX_SUFFIX, IMATRIX_TYPES
 from llmpipe.errors import ConfigError, IntegrityError, PipelineError, ResourceError
 from llmpipe.manifest import sha256_file
-from llmpipe.paths import LLAMA_CPP_DIR
+from llmpipe.paths import LLAMA_CPP_DIR, llama_tool
 
 GGUF_MAGIC = b"GGUF"
 
@@ -177,22 +180,26 @@ def quantize_gguf(
     threads: int,
     record_path: str | os.PathLike,
     extra: Callable[[dict], dict] | None = None,
+    imatrix: str | os.PathLike | None = None,
 ) -> dict:
-    """Quantize ``src_gguf`` to ``quant`` in-process; write the GGUF atomically and a record.
+    """Quantize ``src_gguf`` to ``quant``; write the GGUF atomically and a record.
 
-    ``extra(record)``, called just before the record is written, returns keys merged into it.
+    Without ``imatrix`` in-process (``llama_model_quantize``); with one (the ``<quant>-imat``
+    variant) through ``llama-quantize --imatrix``. ``extra(record)``, called just before the
+    record is written, returns keys merged into it.
     """
-    import llama_cpp
-
+    if quant in IMATRIX_TYPES and imatrix is None:
+        raise ConfigError(
+            f"quantize.types: '{quant}' needs an importance matrix: list it under "
+            f"quantize.imatrix.types instead (llama.cpp refuses it, or writes garbage, without)"
+        )
     src_info = gguf_info(src_gguf)  # refuse a truncated input before spending minutes on it
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype_constant(quant)
-    params.nthread = threads
     start = time.perf_counter()
     with atomic.atomic_path(out_gguf) as tmp:
-        rc = llama_cpp.llama_model_quantize(
-            str(src_gguf).encode(), str(tmp).encode(), ctypes.byref(params)
-        )
+        if imatrix is None:
+            rc = _quantize_in_process(src_gguf, tmp, quant, threads)
+        else:
+            rc = _quantize_with_imatrix(src_gguf, tmp, quant, threads, imatrix)
         if rc != 0:
             free = shutil.disk_usage(Path(out_gguf).parent).free
             if free < 16 * 2**20:  # the partial output is still there: a full disk reads ~0
@@ -200,20 +207,25 @@ def quantize_gguf(
                     f"{out_gguf}: the disk is full ({free / 1e9:.2f} GB free) while quantizing "
                     f"to {quant}; nothing was written under this name. Free space and rerun"
                 )
+            how = "llama-quantize --imatrix" if imatrix is not None else "llama_model_quantize"
             raise PipelineError(
-                f"llama_model_quantize {src_gguf} -> {quant} failed (rc={rc}); llama.cpp's "
-                f"reason is above in this log"
+                f"{how} {src_gguf} -> {quant} failed (rc={rc}); llama.cpp's reason is above in "
+                f"this log"
             )
         info = gguf_info(tmp)
         digest = sha256_file(tmp)
     record = {
-        "variant": quant,
+        "variant": f"{quant}{IMATRIX_SUFFIX}" if imatrix is not None else quant,
+        "type": quant,
         "gguf": str(out_gguf),
         **info,
         "sha256": digest,
         "seconds": round(time.perf_counter() - start, 3),
         "threads": threads,
         "source": {"gguf": str(src_gguf), "size_bytes": src_info["size_bytes"]},
+        "imatrix": (
+            {"path": str(imatrix), "sha256": sha256_file(imatrix)} if imatrix is not None else None
+        ),
         "compression_ratio": round(src_info["size_bytes"] / info["size_bytes"], 4),
         "provenance": provenance.collect(),
     }
@@ -221,3 +233,30 @@ def quantize_gguf(
         record.update(extra(record))
     atomic.write_json(record_path, record)
     return record
+
+
+def _quantize_in_process(src_gguf, tmp: Path, quant: str, threads: int) -> int:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype_constant(quant)
+    params.nthread = threads
+    return llama_cpp.llama_model_quantize(
+        str(src_gguf).encode(), str(tmp).encode(), ctypes.byref(params)
+    )
+
+
+def _quantize_with_imatrix(src_gguf, tmp: Path, quant: str, threads: int, imatrix) -> int:
+    """llama-quantize --imatrix. The in-process call cannot take the matrix from Python: its
+    parameters want it as C structs that llama.cpp fills from the file with the tools' own
+    reader (common/imatrix-loader: GGUF and legacy formats, entry and chunk-count checks),
+    which is part of neither libllama nor the binding; the tool uses that very reader."""
+    ftype_constant(quant)  # an unknown type fails here with the config key, not in the tool
+    cmd = [
+        str(llama_tool("llama-quantize")),
+        "--imatrix", str(imatrix),
+        str(src_gguf), str(tmp), quant, str(threads),
+    ]  # fmt: skip
+    print("running:", " ".join(cmd), file=sys.stderr, flush=True)
+    rc, _ = _run_teed(cmd)
+    return rc

@@ -16,6 +16,7 @@ if SRC not in _paths:
 
 from llmpipe import architectures as arch  # noqa: E402
 from llmpipe import config as cfg  # noqa: E402
+from llmpipe import imatrix as imat  # noqa: E402
 from llmpipe import resources as res  # noqa: E402
 from llmpipe.finetune import settings as ft  # noqa: E402
 from snakemake.common import overwrite_function_params  # noqa: E402
@@ -30,7 +31,8 @@ BASE_MODELS = cfg.model_ids(config)
 TUNED_MODELS = ft.tuned_models(config)
 MODELS = BASE_MODELS + TUNED_MODELS
 REFERENCE = cfg.reference_variant(config)
-QUANTS = cfg.quant_types(config)
+# Quantized variants: the plain types, then the <TYPE>-imat ones (quantize.imatrix.types).
+QUANTS = cfg.quant_variants(config)
 # Which models the pinned llama.cpp can take (llmpipe.architectures, from each config.json):
 # the others keep every step that needs no GGUF; their GGUF steps are not scheduled.
 TUNED_BASES = {ft.tuned_id(base): base for base in ft.base_models(config)}
@@ -65,7 +67,9 @@ def get_model_spec(wildcards):
 
 def get_gguf_variants(model):
     """The GGUF variants of a model: the reference and every quantization, or none."""
-    return [REFERENCE, *QUANTS] if GGUF_SUPPORT[model].supported else []
+    if not GGUF_SUPPORT[model].supported:
+        return []
+    return [REFERENCE, *cfg.quant_variants(config, model)]
 
 
 def get_reference_gguf(wildcards):
@@ -96,9 +100,9 @@ def get_final_outputs():
 #
 # For any rule:  mem_mb=get_mem_mb(STEP, **options), runtime=get_runtime(STEP, **options),
 # and for GPU rules the count: get_gpus(STEP, **options).
-# STEP: download, cache_to_shm, convert_to_gguf, quantize, evaluate_llama_cpp,
+# STEP: download, cache_to_shm, convert_to_gguf, imatrix, quantize, evaluate_llama_cpp,
 # evaluate_transformers, finetune, merge_lora. Options are keyword arguments of the estimator
-# function (llmpipe.estimate.download/stage/convert/quantize/evaluate_llama_cpp/
+# function (llmpipe.estimate.download/stage/convert/imatrix/quantize/evaluate_llama_cpp/
 # evaluate_transformers/finetune/merge); a value may be a function of the wildcards;
 # hw="cpu" or "v100"; `threads` is the rule's own. E.g.
 # get_mem_mb("evaluate_llama_cpp", quant=get_variant, hw="cpu"),
@@ -188,8 +192,8 @@ def get_eval_outputs():
 
 def get_model_eval_variants(model, backend):
     """The variants of ``model`` that ``backend`` evaluates (no GGUF ones without GGUF)."""
-    if backend == "llama.cpp" and model not in GGUF_MODELS:
-        return []
+    if backend == "llama.cpp":
+        return get_gguf_variants(model)
     return EVAL_VARIANTS[backend]
 
 
@@ -255,7 +259,7 @@ def get_eval_bandwidth(wildcards, input):
 
 def get_sweep_ggufs(wildcards):
     m = wildcards.model
-    return {v: f"results/gguf/{m}/{m}-{v}.gguf" for v in EVAL_VARIANTS["llama.cpp"]}
+    return {v: f"results/gguf/{m}/{m}-{v}.gguf" for v in get_gguf_variants(m)}
 
 
 def get_eval_chunks():
@@ -346,6 +350,73 @@ def get_eval_gpus(kind):
     return _fixed_signature(gpus)
 
 
+# ---- Importance matrix (workflow/rules/gguf.smk: imatrix, quantize) ------------------------
+# One matrix per model (llama-imatrix on the reference GGUF), used by every <TYPE>-imat
+# quantization of it; the calibration text is quantize.imatrix.text, or with null the part of
+# evaluate.text after the evaluation's perplexity chunks (llmpipe.imatrix).
+IMATRIX = config["quantize"]["imatrix"]
+if workflow.is_main_process:  # once per run, not again inside every job
+    for _warning in imat.planning_warnings(config):
+        print(f"warning: {_warning}", file=sys.stderr)
+
+
+def get_quant_type(wildcards):
+    """The llama.cpp type of a variant: Q4_K_M for both Q4_K_M and Q4_K_M-imat."""
+    return cfg.split_variant(wildcards.quant)[0]
+
+
+def get_quantize_input(wildcards):
+    """The reference GGUF, and for a -imat variant the model's importance matrix."""
+    inputs = {"gguf": get_reference_gguf(wildcards)}
+    if cfg.split_variant(wildcards.quant)[1]:
+        inputs["imatrix"] = f"results/gguf/{wildcards.model}/{wildcards.model}.imatrix"
+    return inputs
+
+
+def get_imatrix_input(wildcards):
+    """The reference GGUF, the evaluation text (its chunks are cut off or checked against)
+    and the user's calibration text when there is one."""
+    inputs = {"gguf": get_reference_gguf(wildcards), "eval_text": EVAL["text"]}
+    if IMATRIX["text"] is not None:
+        inputs["text"] = IMATRIX["text"]
+    return inputs
+
+
+def is_imatrix_on_gpu():
+    return EVAL["llama_cpp"]["n_gpu_layers"] != 0
+
+
+def get_imatrix_chunks():
+    """Chunks llama-imatrix will read, at most quantize.imatrix.chunks (from the text's size,
+    ~4 bytes per token; the default text is what follows the evaluation chunks)."""
+    n_ctx = IMATRIX["n_ctx"]
+    try:
+        if IMATRIX["text"] is None:
+            used = get_eval_chunks() * EVAL["perplexity"]["n_ctx"] * 4
+            size = os.path.getsize(EVAL["text"]) - used
+        else:
+            size = os.path.getsize(IMATRIX["text"])
+    except OSError:
+        size = 0
+    return max(1, min(IMATRIX["chunks"], size // 4 // n_ctx))
+
+
+IMATRIX_ESTIMATE = {
+    "source": REFERENCE,
+    "hw": "v100" if is_imatrix_on_gpu() else "cpu",
+    "n_ctx": IMATRIX["n_ctx"],
+    "chunks": get_imatrix_chunks(),
+}
+
+
+def get_imatrix_gpus(wildcards, input, threads, attempt):
+    """GPUs of the imatrix job: as a llama.cpp evaluation, one at least when layers go there."""
+    if not is_imatrix_on_gpu():
+        return 0
+    plan = get_resource_plan("imatrix", wildcards, threads, 1, IMATRIX_ESTIMATE)
+    return max(1, plan.gpus)
+
+
 # ---- Statistics (workflow/rules/report.smk) ------------------------------------------------
 STATS_OUTPUTS = ["results/stats/summary.csv", "results/stats/summary.md"]
 STATS_EVAL_JSON = re.compile(
@@ -361,14 +432,18 @@ def get_stats_eval_jsons(wildcards):
 
 def get_stats_records(wildcards):
     """The records of the jobs that measured their resources (download or merge_lora,
-    cache_to_shm, convert_to_gguf, quantize, finetune, evaluate_reference, evaluate_quality),
+    cache_to_shm, convert_to_gguf, imatrix, quantize, finetune, evaluate_reference,
+    evaluate_quality),
     for every model and every evaluated variant."""
     records = []
     for model in MODELS:
         records.append(f"results/models/{model}/manifest.json")
         records.append(f"results/staged/{model}/stage.json")
-        for variant in get_gguf_variants(model):
+        variants = get_gguf_variants(model)
+        for variant in variants:
             records.append(f"results/gguf/{model}/{model}-{variant}.json")
+        if any(cfg.split_variant(v)[1] for v in variants):
+            records.append(f"results/gguf/{model}/{model}.imatrix.json")
     for path in get_stats_eval_jsons(wildcards):
         model, variant, backend = STATS_EVAL_JSON.fullmatch(path).groups()
         if backend == "llama.cpp":

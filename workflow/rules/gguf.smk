@@ -31,9 +31,40 @@ rule convert_to_gguf:
         "../scripts/convert_to_gguf.py"
 
 
+rule imatrix:
+    input:
+        unpack(get_imatrix_input),
+    output:
+        imatrix="results/gguf/{model}/{model}.imatrix",
+        record="results/gguf/{model}/{model}.imatrix.json",
+    log:
+        "logs/imatrix/{model}.log",
+    benchmark:
+        "benchmarks/imatrix/{model}.tsv"
+    conda:
+        "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("llama_cpp"),
+    threads: EVAL["threads"]
+    resources:
+        mem_mb=get_mem_mb("imatrix", **IMATRIX_ESTIMATE),
+        runtime=get_runtime("imatrix", **IMATRIX_ESTIMATE),
+        gres=get_gres(get_imatrix_gpus),
+        slurm_partition=get_partition(get_imatrix_gpus),
+    params:
+        n_ctx=IMATRIX["n_ctx"],
+        chunks=IMATRIX["chunks"],
+        eval_n_ctx=EVAL["perplexity"]["n_ctx"],
+        eval_chunks=EVAL["perplexity"]["chunks"],
+        n_gpu_layers=EVAL["llama_cpp"]["n_gpu_layers"],
+        estimate=["imatrix", IMATRIX_ESTIMATE],
+    script:
+        "../scripts/imatrix.py"
+
+
 rule quantize:
     input:
-        gguf=get_reference_gguf,
+        unpack(get_quantize_input),
     output:
         gguf="results/gguf/{model}/{model}-{quant}.gguf",
         record="results/gguf/{model}/{model}-{quant}.json",
@@ -50,6 +81,6 @@ rule quantize:
         mem_mb=get_mem_mb("quantize", quant=get_quant, source=REFERENCE),
         runtime=get_runtime("quantize", quant=get_quant, source=REFERENCE),
     params:
-        quant="{quant}",
+        quant=get_quant_type,
     script:
         "../scripts/quantize.py"

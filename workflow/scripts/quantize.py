@@ -18,4 +18,5 @@ with (
         threads=snakemake.threads,
         record_path=snakemake.output.record,
         extra=usage.fields,
+        imatrix=snakemake.input.get("imatrix"),  # a <quant>-imat variant's matrix
     )
