@@ -1,7 +1,7 @@
 """Every cluster model's shape through the whole workflow, in one `snakemake --cores 2` run.
 
-Tiny random checkpoints (tests/families.py) of Llama 2, Mistral, Falcon 7B (multi-query), Falcon
-40B-shaped (grouped KV) and SmolLM2 as `dir` models on "shared storage", plus the falcon-rw-1b
+Tiny random checkpoints (tests/families.py) of Llama 2, Mistral, Falcon 7B (multi-query) and Falcon
+40B-shaped (grouped KV) as `dir` models on "shared storage", plus the falcon-rw-1b
 shape that llama.cpp cannot run: no --keep-going, the GGUF models get their variants on both
 backends, falcon-rw-1b the transformers backend only with its reason in the dry run and the
 summary, and the fine-tuned Falcon 7B (saved by save_pretrained, num_kv_heads written out) converts.
@@ -18,7 +18,8 @@ from families import make_checkpoint
 from helpers import default_config, make_workdir, parse_job_stats, planned_jobs, snakemake
 
 pytestmark = pytest.mark.workflow
-GGUF_FAMILIES = ["llama-2", "mistral", "falcon-7b", "falcon-40b", "smollm2"]
+# SmolLM2's own chain is the default run's (tests/conftest.py default_run), on the real model
+GGUF_FAMILIES = ["llama-2", "mistral", "falcon-7b", "falcon-40b"]
 NO_GGUF = "falcon-rw-1b"
 
 
@@ -99,10 +100,8 @@ def test_every_family_runs_its_whole_chain(families_run):
                 (workdir / f"results/eval/{model}/{variant}-{backend}.json").read_text()
             )
             assert record["generated_tokens"] > 0, (model, variant, backend)
-        quality = json.loads(
-            (workdir / f"results/eval/{model}/quality/Q4_K_M-llama.cpp.json").read_text()
-        )
-        assert quality["kld"]["mean"] >= 0, model
+        q4 = json.loads((workdir / f"results/eval/{model}/Q4_K_M-llama.cpp.json").read_text())
+        assert q4["kld_mean"] > 0 and q4["ppl_ratio"] > 0, model
     assert (workdir / "results/finetune/falcon-7b/adapter-F16.gguf").is_file()
 
 
