@@ -333,6 +333,16 @@ class Usage:
     def __exit__(self, *exc) -> None:
         self.monitor.stop()
 
+    def planned_gpus(self) -> int:
+        """The GPUs the estimator gave this job (what its --gres asked for); 1 without a
+        prediction (a benchmark's own run) or on the CPU."""
+        if self.step is None:
+            return 1
+        try:
+            return max(1, plan(self.step, self.config_json, **self.options).gpus)
+        except Exception:  # noqa: BLE001 - no prediction: one device, as without a plan
+            return 1
+
     def fields(self, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``{"predicted": ..., "measured": ...}`` (+ ``"gpu"`` where there is one) for the
         record; stops the sampler, so call it once the work is done. Without a step (a
