@@ -47,6 +47,7 @@ from llmpipe.finetune import dataset as ds
 from llmpipe.finetune.settings import Settings, from_dict, target_modules
 
 LOSS_FIELDS = ("step", "epoch", "split", "loss", "tokens", "seconds")
+COUNTS = ("tokens", "scored_tokens", "square_tokens")  # totals in every log entry
 MARKER = "llmpipe.json"  # in a checkpoint folder: complete, and made with this fingerprint
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -279,8 +280,9 @@ def make_trainer(model, args, train_examples, heldout, pad_id: int, steps_cb, fs
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch
-            self.scored = 0.0  # this process's scored tokens and sum of squared lengths
-            self.square_tokens = 0.0
+            # This process's non-padding tokens, scored tokens and sum of squared lengths
+            # (attention FLOPs) since this run started; the log adds a resumed run's totals.
+            self.counts = dict.fromkeys(COUNTS, 0.0)
             self.history_base: dict[str, float] = {}
 
         def response_loss(self, model, inputs):
@@ -307,8 +309,10 @@ def make_trainer(model, args, train_examples, heldout, pad_id: int, steps_cb, fs
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, count = self.response_loss(model, inputs)
             if model.training:
-                self.scored += float(count)
-                self.square_tokens += float((inputs["attention_mask"].sum(dim=1) ** 2).sum())
+                lengths = inputs["attention_mask"].sum(dim=1)
+                self.counts["tokens"] += float(lengths.sum())
+                self.counts["scored_tokens"] += float(count)
+                self.counts["square_tokens"] += float((lengths**2).sum())
             if num_items_in_batch is None:
                 loss = loss / count.clamp(min=1)
             else:
@@ -344,21 +348,19 @@ def make_trainer(model, args, train_examples, heldout, pad_id: int, steps_cb, fs
         def log(self, logs, start_time=None):
             """Every entry of the loss curve carries the totals so far (all processes)."""
             counts = torch.tensor(
-                [self.scored, self.square_tokens], dtype=torch.float64, device=self.args.device
+                [self.counts[k] for k in COUNTS], dtype=torch.float64, device=self.args.device
             )
             if self.args.world_size > 1:
                 torch.distributed.all_reduce(counts)
             if not self.history_base:
                 done = [h for h in self.state.log_history if "scored_tokens" in h]
-                self.history_base = {
-                    "scored_tokens": done[-1]["scored_tokens"] if done else 0.0,
-                    "square_tokens": done[-1]["square_tokens"] if done else 0.0,
-                }
+                self.history_base = {k: done[-1][k] if done else 0 for k in COUNTS}
             logs = {
                 **logs,
-                "tokens": int(self.state.num_input_tokens_seen),
-                "scored_tokens": self.history_base["scored_tokens"] + float(counts[0]),
-                "square_tokens": self.history_base["square_tokens"] + float(counts[1]),
+                **{
+                    k: int(self.history_base[k] + v)
+                    for k, v in zip(COUNTS, counts.tolist(), strict=True)
+                },
                 "train_seconds": round(steps_cb.seconds, 3),
                 "train_cpu_seconds": round(steps_cb.cpu_seconds, 3),
             }
@@ -386,7 +388,8 @@ def training_arguments(s: Settings, out_dir: str, device: str, precision: str, t
             "fsdp": "full_shard auto_wrap",
             "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": layers},
         }
-    return TrainingArguments(
+    return _arguments(
+        TrainingArguments,
         output_dir=out_dir,
         per_device_train_batch_size=s.batch_size,
         per_device_eval_batch_size=s.batch_size,
@@ -412,7 +415,6 @@ def training_arguments(s: Settings, out_dir: str, device: str, precision: str, t
         save_strategy="steps",
         save_steps=s.save_every,
         save_total_limit=s.keep_checkpoints,
-        include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
@@ -422,6 +424,21 @@ def training_arguments(s: Settings, out_dir: str, device: str, precision: str, t
         log_level="warning",
         **fsdp,
     )
+
+
+def _arguments(cls, **kwargs):
+    """``TrainingArguments`` on this transformers (the GPU check runs on a machine's own):
+    releases before ``activation_checkpointing`` call it ``gradient_checkpointing``."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    for new, old in (
+        ("activation_checkpointing", "gradient_checkpointing"),
+        ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"),
+    ):
+        if new not in names and new in kwargs:
+            kwargs[old] = kwargs.pop(new)
+    return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------
