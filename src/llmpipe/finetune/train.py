@@ -511,8 +511,10 @@ def _train(spec: dict, s: Settings, device: str, precision: str) -> dict:
     trainer = make_trainer(
         peft_model, args, train_examples, heldout, pad_id, steps, fsdp="fsdp" in strategy
     )
-    resume = resumable(spec["checkpoints"], fp, prune=trainer.is_world_process_zero())
-    trainer.accelerator.wait_for_everyone()
+    resume = resumable(spec["checkpoints"], fp)
+    trainer.accelerator.wait_for_everyone()  # every rank has chosen before any is removed
+    if trainer.is_world_process_zero():
+        resumable(spec["checkpoints"], fp, prune=True)
     if resume is None:
         log(f"no checkpoint to resume from in {spec['checkpoints']}: starting at step 0")
         trainer.args.eval_on_start = True  # the curve's step 0 (a resumed run has it)
