@@ -366,7 +366,9 @@ def make_trainer(model, args, train_examples, heldout, pad_id: int, steps_cb, fs
             }
             super().log(logs, start_time)
 
-    return ResponseTrainer(
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = ResponseTrainer(
         model=model,
         args=args,
         train_dataset=train_examples,
@@ -374,6 +376,8 @@ def make_trainer(model, args, train_examples, heldout, pad_id: int, steps_cb, fs
         data_collator=collate,
         callbacks=[steps_cb],
     )
+    trainer.remove_callback(PrinterCallback)  # a dict per step; ours logs every log_every
+    return trainer
 
 
 def training_arguments(s: Settings, out_dir: str, device: str, precision: str, total: int, layers):
