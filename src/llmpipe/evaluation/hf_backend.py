@@ -264,12 +264,10 @@ def generation_kwargs(model, tokenizer, sampling: Sampling, device: str, compile
         "repetition_penalty": sampling.repetition_penalty,
         "eos_token_id": sorted(eos_ids(model, tokenizer)),
         "pad_token_id": pad_id(model, tokenizer),
-        # Warpers: none in generate's own list (ours draws after applying them).
-        "temperature": 1.0,
-        "top_k": 0,
-        "top_p": 1.0,
         "disable_compile": not compile,
     }
+    if not sampling.greedy:  # no warpers in generate's own list: ours draws after applying them
+        kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
     if device == "cuda":
         kwargs["cache_implementation"] = "static"
     return {"generation_config": GenerationConfig(**kwargs)}
