@@ -1,6 +1,6 @@
 """evaluate's benchmarks, each a ratio measured in one run (side by side, same machine state).
 
-    .venv/bin/python bench/bench_evaluate.py [--run WORKDIR] [--parts seed,roofline,bench,ppl]
+    .venv/bin/python bench/bench_evaluate.py [--run WORKDIR] [--parts seed,pair,roofline,bench,ppl]
 
 WORKDIR is a finished default run (its results/models/smollm2/hf and results/gguf/smollm2/*);
 default: the current directory. Parts (all by default):
@@ -10,6 +10,10 @@ default: the current directory. Parts (all by default):
   max_new_tokens 100, the same sampling (temperature 1, top-k 50: transformers' defaults).
   Ratio of generated tokens/s (generation time; both load the model once), three rounds in
   alternation, median and best. Goal >= 8.
+- ``pair``: our transformers evaluate (``hf_backend.generate``) / one plain batched
+  ``model.generate`` of the same prompts, in the same process on the same loaded model,
+  alternating three times, greedy (identical tokens required) and sampled. Goal >= 1.0: the
+  batching, per-prompt seeds and first-token clock of ours cost nothing measurable.
 - ``roofline``: our llama.cpp evaluate's decode ``achieved_gb_s`` / the bandwidth probe, on a
   random-init Llama-shaped model of ~1.2 B parameters (made once under .deps/bench/, converted
   to F32, F16 and Q8_0 GGUFs with the workflow's own code), and on SmolLM2 (overhead-bound).
@@ -150,7 +154,7 @@ def part_seed(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
         say(
             f"  round {i + 1}: seed {seed['tokens']} tokens in {seed['seconds']:.1f} s "
             f"({seed['threads']} thr), ours {ours['tokens']} tokens in {ours['seconds']:.2f} s "
-            f"({used} thr, {ours['decoder']})"
+            f"({used} thr, {ours['generate']})"
         )
     say(f"  load average at the start {load:.1f}")
     for label, pick in (("median", statistics.median), ("best", max)):
@@ -164,10 +168,85 @@ def part_seed(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
         )
 
 
-def _in_subprocess(which: str, hf: Path, threads: int) -> dict:
+def part_pair(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
+    """Ours (``hf_backend.generate``) vs one plain batched ``model.generate`` of the same
+    prompts, in the same process on the same loaded model, alternating ``rounds`` times:
+    greedy (the tokens must be identical) and sampled (the seed recipe's sampling; per-prompt
+    seeds in ours, one generator in plain, so the tokens differ). Goal >= 1.0."""
+    say("== ours vs plain batched model.generate, same process")
+    pair = _in_subprocess("pair", run / "results/models/smollm2/hf", threads, rounds)
+    for mode in ("greedy", "sampled"):
+        mine, theirs = pair[mode]["ours"], pair[mode]["plain"]
+        same = pair[mode].get("same_tokens")
+        row(
+            f"transformers tok/s, ours / plain batched generate, {mode}, median of {rounds}"
+            + (" (identical tokens)" if same else ""),
+            f"{statistics.median(mine):.1f} tok/s",
+            f"{statistics.median(theirs):.1f} tok/s",
+            f"{statistics.median(mine) / statistics.median(theirs):.2f}x (goal >= 1.0)",
+        )
+
+
+def plain_generate(model, tokenizer, prompts: list[str], sampling) -> tuple[list[list[int]], float]:
+    """One left-padded batched ``model.generate`` of every prompt, as its docs show it."""
+    import torch
+
+    from llmpipe.evaluation import hf_backend as hb
+
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    eos = hb.eos_ids(model, tokenizer)
+    kwargs = {"do_sample": False}
+    if not sampling.greedy:
+        kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs, max_new_tokens=sampling.max_new_tokens, eos_token_id=sorted(eos),
+            pad_token_id=hb.pad_id(model, tokenizer), **kwargs,
+        )  # fmt: skip
+    seconds = time.perf_counter() - start
+    tokens = []
+    for seq in out[:, inputs["input_ids"].shape[1] :].tolist():
+        stop = next((i for i, t in enumerate(seq) if t in eos), None)
+        tokens.append(seq if stop is None else seq[: stop + 1])
+    return tokens, seconds
+
+
+def child_pair(hf: str, threads: int, rounds: int = 3) -> dict:
+    from llmpipe.evaluation import hf_backend as hb
+    from llmpipe.evaluation.records import Sampling
+
+    prompts = read_prompts(PROMPTS)
+    settings = hb.HFSettings.from_config({"device": "auto", "tune_threads": False}, threads)
+    model, tokenizer, device, _ = hb.load(hf, settings)
+    hb.warm_up(model, tokenizer, device)
+    result = {}
+    for mode, sampling in (
+        ("greedy", Sampling(max_new_tokens=100, temperature=0.0)),
+        ("sampled", Sampling(max_new_tokens=100, temperature=1.0, top_k=50)),
+    ):
+        ours, plain, same = [], [], True
+        for _ in range(rounds):
+            start = time.perf_counter()
+            results, _ = hb.generate(model, tokenizer, device, list(enumerate(prompts)),
+                                     sampling, 16)  # fmt: skip
+            seconds = time.perf_counter() - start
+            ours.append(sum(r.generated_tokens for r in results) / seconds)
+            tokens, seconds = plain_generate(model, tokenizer, prompts, sampling)
+            plain.append(sum(len(t) for t in tokens) / seconds)
+            same = same and [r.token_ids for r in results] == tokens
+        result[mode] = {"ours": ours, "plain": plain}
+        if sampling.greedy:
+            result[mode]["same_tokens"] = same
+    return result
+
+
+def _in_subprocess(which: str, hf: Path, threads: int, *more) -> dict:
     code = (
         f"import json, sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
-        f"import bench_evaluate as b; print(json.dumps(b.child_{which}({str(hf)!r}, {threads})))"
+        f"import bench_evaluate as b; "
+        f"print(json.dumps(b.child_{which}({str(hf)!r}, {threads}, *{list(more)!r})))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
@@ -202,7 +281,7 @@ def child_ours(hf: str, threads: int) -> dict:
         "seconds": rec["generate_s"],
         "threads_used": rec["settings"]["threads_used"],
         "threads": rec["settings"]["threads_used"],
-        "decoder": f"{rec['settings']['decoder']}, {rec['settings']['decoder_matmul']}",
+        "generate": rec["settings"]["generate"],
     }
 
 
@@ -457,12 +536,13 @@ def _need_tools() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path.cwd(), help="a finished default run")
-    parser.add_argument("--parts", default="seed,roofline,bench,ppl")
+    parser.add_argument("--parts", default="seed,pair,roofline,bench,ppl")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
     args = parser.parse_args()
     run = args.run.resolve()
-    parts = {"seed": part_seed, "roofline": part_roofline, "bench": part_bench, "ppl": part_ppl}
+    parts = {"seed": part_seed, "pair": part_pair, "roofline": part_roofline,
+             "bench": part_bench, "ppl": part_ppl}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         for name in args.parts.split(","):
             parts[name](run, args.threads, Path(tmp))

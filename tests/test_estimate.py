@@ -533,21 +533,3 @@ def test_merge_holds_the_model_once_in_its_dtype():
     assert big.mem_mb > 26_031_728_640 / MIB  # a 13B merge needs a big-memory node
     with pytest.raises(ConfigError, match="merged dtype"):
         est.merge(s, dtype="Q4_K_M")
-
-
-def test_cpu_generation_counts_the_packed_copy_of_a_tied_output_layer():
-    """The packed CPU decoder (evaluation/decoders.py) gives a tied output layer its own packed
-    copy: counted for f32 generation of Llama-family models only, not for perplexity passes,
-    untied heads or other families."""
-    cpu = est.cpu()
-
-    def head(name, dtype="f32", full_logits=False):
-        e = est.evaluate_transformers(shape(name), dtype=dtype, hw=cpu, full_logits=full_logits)
-        return e.detail["packed_head_bytes"]
-
-    smollm2 = shape("smollm2-135m")
-    assert head("smollm2-135m") == smollm2.vocab * smollm2.hidden * 4
-    assert head("smollm2-135m", full_logits=True) == 0
-    assert head("smollm2-135m", dtype="f16") == 0
-    assert head("llama-2-7b") == 0  # untied: the packed head replaces lm_head
-    assert head("falcon-rw-1b") == 0  # not packed

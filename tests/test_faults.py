@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 from helpers import REPO, default_config, make_tiny_hf, make_workdir, snakemake
 
-from llmpipe import atomic, manifest
+from llmpipe import atomic, hardware, manifest
 from llmpipe import config as cfg
 from llmpipe.errors import ConfigError, IntegrityError, PipelineError, ResourceError, SourceError
 from llmpipe.fetch import check_hf_folder, fetch_model
 from llmpipe.gguf import convert_hf_to_gguf, gguf_info
-from llmpipe.monitor import require_gpu
 from llmpipe.stage import ensure_staged
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -196,14 +195,61 @@ def test_output_disk_full(small_disk):
     assert list(small_disk.iterdir()) == []  # no partial file under any name
 
 
-@fault("a GPU rule on a machine without a GPU", "needs a GPU")
-def test_gpu_rule_without_gpu():
+@pytest.fixture
+def gpu_node(tmp_path, monkeypatch):
+    """A node whose driver answers (a stand-in nvidia-smi) and which granted GPU 0."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 'GPU 0: Tesla V100-PCIE-32GB (UUID: GPU-fake)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv(hardware.FAKE_GRES_ENV, raising=False)
+
+
+@fault("a GPU job where torch sees no GPU", "finetune on <node>: needs a GPU, but torch")
+def test_gpu_job_torch_without_gpu(gpu_node):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(ResourceError, match="evaluate: needs a GPU"):
-        require_gpu(allow_cpu=False, step="evaluate")
+    need = hardware.need_for_torch("finetune", "gpu:v100d32q:1", wants_cuda=True)
+    with pytest.raises(ResourceError, match=r"^finetune on .*: needs a GPU, but torch .*(CPU-only"
+                       r" build|sees no GPU).*(LLMPIPE_CUDA=1|--gres)"):  # fmt: skip
+        hardware.check(need)
+
+
+@fault(
+    "CPU-only llama.cpp with n_gpu_layers: -1",
+    "this llama.cpp build has no GPU backend (its ggml devices: CPU/RPC only)",
+)
+def test_cpu_only_llama_cpp_offloading(gpu_node):
+    pytest.importorskip("llama_cpp")
+    from llmpipe import provenance
+
+    if provenance.llama_cpp_build()["cuda"]:
+        pytest.skip("this llama.cpp is a CUDA build")
+    settings = {**default_config()["evaluate"]["llama_cpp"], "n_gpu_layers": -1}
+    need = hardware.need_for_eval("evaluate_shard", "gpu:v100d32q:1", "llama.cpp", settings)
+    with pytest.raises(ResourceError, match=r"^evaluate_shard on .*no GPU backend.*n_gpu_layers"):
+        hardware.check(need)
+
+
+@fault("a step that does not fit", "big: finetune does not fit: … would fit: … on 2 GPU(s)")
+def test_step_that_does_not_fit():
+    from llmpipe.resources import checked_request
+
+    config_json = REPO / "tests" / "fixtures" / "model_configs" / "llama-2-13b.json"
+    opts = {"method": "lora", "hw": "v100", "dtype": "f16", "micro_batch": 16, "seq_len": 4096,
+            "gradient_checkpointing": False}  # fmt: skip
+    with pytest.raises(ResourceError) as err:
+        checked_request("big", "finetune", config_json, **opts)
+    message = str(err.value)
+    assert message.startswith("big: finetune does not fit: does not fit even on 8 GPUs")
+    assert "would fit: batch_size: 1 with gradient_checkpointing: true on 2 GPU(s)" in message
+    assert "\n" not in message
+    # The same job on the CPU is not stopped: the planner cannot know the nodes' RAM.
+    assert checked_request("big", "finetune", config_json, **{**opts, "hw": "cpu"}).mem_mb > 0
 
 
 @fault("a model that needs trust_remote_code without opt-in", "trust_remote_code: true")

@@ -424,7 +424,9 @@ def test_short_training_lowers_the_heldout_loss_and_writes_everything(tiny, tmp_
     assert metrics["provenance"]["seed"] == 0
     # Checkpoints were kept for resuming (two newest), never a temporary one.
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
-    assert names == ["checkpoint-0000004", "checkpoint-0000008"]
+    assert names == ["checkpoint-4", "checkpoint-8"]  # Trainer's, each marked complete
+    assert all((tmp_path / "checkpoints" / n / "llmpipe.json").is_file() for n in names)
+    assert metrics["trainer"] == "transformers.Trainer + peft"
     base = AutoModelForCausalLM.from_pretrained(tiny["hf"])
     tuned = PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert tuned.peft_config["default"].r == TINY["lora_r"]
@@ -464,7 +466,7 @@ def test_two_process_fsdp_on_cpu_trains(tiny, tmp_path):
     assert metrics["strategy"] == "fsdp" and metrics["processes"] == 2
     heldout = read_loss(tmp_path / "loss.csv", "heldout")
     assert heldout[-1][1] < heldout[0][1]
-    assert (tmp_path / "checkpoints" / "checkpoint-0000002" / "trainable.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / "llmpipe.json").is_file()
 
 
 @pytest.mark.slow
@@ -571,7 +573,8 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(smollm2_hf, tmp_path)
 
     killed = spec("killed")
     proc = subprocess.Popen([*cmd, str(killed)], env=env, stderr=subprocess.PIPE)
-    first = tmp_path / "killed" / "checkpoints" / "checkpoint-0000002"
+    # Complete: Trainer has written it and the marker is there (a half-written one is ignored).
+    first = tmp_path / "killed" / "checkpoints" / "checkpoint-2" / "llmpipe.json"
     deadline = time.monotonic() + 1200
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -584,7 +587,7 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(smollm2_hf, tmp_path)
     resumed = subprocess.run(
         [*cmd, str(killed)], env=env, check=True, timeout=1200, capture_output=True, text=True
     )
-    assert "resuming from" in resumed.stderr and "checkpoint-000000" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "checkpoint-2" in resumed.stderr
     metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 2
     for split in ("train", "heldout"):  # one row per step, the same losses

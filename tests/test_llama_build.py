@@ -57,6 +57,10 @@ def test_backends_match_the_recorded_flags():
         # why a GPU check must look at the devices: with RPC compiled in, llama.cpp reports
         # GPU offload support on a CPU-only build
         assert bool(llama_cpp.llama_supports_gpu_offload()) == build["rpc"]
+    cuda = provenance.collect()["cuda"]
+    assert cuda["llama_cpp_cuda"] == build["cuda"]
+    if not provenance.gpus():  # this machine: no driver, so no versions to record
+        assert cuda["driver"] is None and cuda["driver_cuda"] is None
 
 
 def test_missing_tool_is_one_clear_error():

@@ -1,11 +1,8 @@
-"""The resource sampler: peaks it reports are real, and a GPU step fails fast without a GPU."""
+"""The resource sampler: the peaks it reports are real (GPU checks: tests/test_hardware.py)."""
 
 from __future__ import annotations
 
-import pytest
-
-from llmpipe.errors import ResourceError
-from llmpipe.monitor import ResourceMonitor, require_gpu
+from llmpipe.monitor import ResourceMonitor
 
 
 def test_monitor_sees_an_allocation(tmp_path):
@@ -21,14 +18,3 @@ def test_monitor_sees_an_allocation(tmp_path):
     lines = (tmp_path / "ts.tsv").read_text().splitlines()
     assert lines[0].split("\t")[:3] == ["t_s", "rss_mb", "cpu_pct"]
     assert len(lines) == summary["samples"] + 1
-
-
-def test_gpu_step_without_gpu_fails_fast_unless_cpu_allowed():
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    with pytest.raises(ResourceError, match="evaluate: needs a GPU.*allow_cpu: true"):
-        require_gpu(allow_cpu=False, step="evaluate")
-    facts = require_gpu(allow_cpu=True, step="evaluate")
-    assert facts["cuda_available"] is False and facts["torch"].startswith("2.13")

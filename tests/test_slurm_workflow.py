@@ -165,20 +165,26 @@ def test_scancel_is_reported_and_a_rerun_completes(default_run, cluster, tmp_pat
 
 def test_gpu_rule_asks_for_the_gres_and_cpu_rules_do_not(default_run, cluster, tmp_path):
     """llama.cpp with every layer offloaded declares one GPU: Slurm must record gres/gpu=1 in
-    the gpu partition (the CPU build of llama.cpp runs such a job on the CPU, so it completes
-    on this GPU-less node)."""
+    the gpu partition. This node's "GPU" is a stand-in device and our llama.cpp has no CUDA:
+    the job first fails fast (the fail-fast users get), then runs on the CPU under the
+    test-only switch LLMPIPE_TEST_FAKE_GRES=1, so the gres can be checked."""
     workdir = copy_run(default_run, tmp_path / "w")
     path = workdir / "config" / "config.yaml"
     config = yaml.safe_load(path.read_text())
     config.setdefault("evaluate", {}).setdefault("llama_cpp", {})["n_gpu_layers"] = -1
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     target = "results/eval/smollm2/reference-llama.cpp.json"
+    args = (*profile_args(cluster), "--forcerun=evaluate_reference", target)
+    refused = snakemake(workdir, *args, env=cluster.env, check=False)
+    assert refused.returncode != 0
+    log = (workdir / "logs/evaluate_reference/smollm2-llama.cpp.log").read_text()
+    assert "evaluate_reference: error: evaluate_reference on " in log, log
+    assert "needs a GPU, but" in log and not (workdir / target).exists()
+    snakemake(workdir, "--unlock")
     snakemake(
         workdir,
-        *profile_args(cluster),
-        "--forcerun=evaluate_reference",  # "=": the option takes a list, not the target
-        target,
-        env=cluster.env,
+        *args,  # "--forcerun=": the option takes a list, not the target
+        env={**cluster.env, "LLMPIPE_TEST_FAKE_GRES": "1"},
     )
     jobs = slurm_job_ids(workdir)
     assert jobs.get("evaluate_reference"), jobs

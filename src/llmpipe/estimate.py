@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe.errors import ConfigError, PipelineError, ResourceError
-from llmpipe.evaluation.decoders import PACKED_TYPES
 
 MIB = 1024**2
 GIB = 1024**3
@@ -1305,7 +1304,6 @@ def evaluate_transformers(
         base = a.torch_cpu_host_mb
     checkpoint = weights_bytes(shape, _checkpoint_dtype(shape, None))
     running = act + logits + alibi + dequant
-    packed_head = 0.0
     if hw.is_gpu:
         host_gpu_job = base * MIB + checkpoint + shape.largest_tensor_params * b
         shardable, replicated = weights + kv, running
@@ -1313,14 +1311,8 @@ def evaluate_transformers(
         # One process holds everything. The checkpoint's mapped pages are let go once it is
         # loaded, before the first token: the peak is the larger of loading and running
         # (measured on SmolLM2 f32: 1153 MiB for generation and perplexity alike, = the load).
-        # Generation of a Llama-family model in f32 packs the weights for its CPU matmul
-        # (panel_gemm or oneDNN, evaluation/decoders.py): packed copies replace the linears,
-        # but a tied output layer keeps the embedding for the lookup and gets a packed copy.
-        packs = shape.model_type in PACKED_TYPES and fmt == "f32" and not full_logits
-        if packs and shape.tied_embeddings:
-            packed_head = shape.vocab * shape.hidden * b
         host_gpu_job = base * MIB
-        shardable, replicated = weights + max(checkpoint, packed_head + kv + running), 0
+        shardable, replicated = weights + max(checkpoint, kv + running), 0
     return _place(
         "evaluate-transformers",
         hw,
@@ -1339,7 +1331,6 @@ def evaluate_transformers(
             "alibi_bytes": alibi,
             "dequant_bytes": dequant,
             "checkpoint_bytes": checkpoint,
-            "packed_head_bytes": packed_head,
             "load_s": load_s,
         }
         | times,

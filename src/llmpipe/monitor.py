@@ -25,7 +25,6 @@ from pathlib import Path
 import psutil
 
 from llmpipe import atomic
-from llmpipe.errors import ResourceError
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -186,36 +185,3 @@ def _gpu_reader():
             "gpu_util_pct": None,
         }
     return None
-
-
-def require_gpu(allow_cpu: bool, step: str) -> dict[str, object]:
-    """Fail fast when a GPU step lands on a node without a usable GPU; return the CUDA facts.
-
-    ``allow_cpu`` (from config) lets a GPU rule run on the CPU on purpose, e.g. on a laptop.
-    """
-    import torch
-
-    facts: dict[str, object] = {
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-    }
-    if facts["cuda_available"]:
-        facts["devices"] = [
-            {
-                "name": torch.cuda.get_device_name(i),
-                "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
-                "memory_mb": torch.cuda.get_device_properties(i).total_memory // 2**20,
-            }
-            for i in range(torch.cuda.device_count())
-        ]
-        return facts
-    if allow_cpu:
-        return facts
-    why = (
-        "this torch is a CPU-only build (torch.version.cuda is None): install the cu126 build"
-        if torch.version.cuda is None
-        else "torch has CUDA but sees no GPU (no --gres, CUDA_VISIBLE_DEVICES empty, or no driver)"
-    )
-    raise ResourceError(f"{step}: needs a GPU, but {why}; set allow_cpu: true to run on the CPU")

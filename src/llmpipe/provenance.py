@@ -181,6 +181,33 @@ def llama_cpp_devices() -> list[dict[str, str]]:
     return devices
 
 
+def cuda_versions() -> dict[str, object]:
+    """The CUDA stack this result ran on: the driver and the CUDA version it supports (NVML,
+    else nvidia-smi's driver), torch's CUDA where this process imported torch (never imported
+    here), and whether llama.cpp is a CUDA build. Nulls on a machine without a driver."""
+    out: dict[str, object] = {
+        "driver": None,
+        "driver_cuda": None,
+        "torch_cuda": None,
+        "llama_cpp_cuda": llama_cpp_build()["cuda"],
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        out["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+        version = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+        out["driver_cuda"] = f"{version // 1000}.{version % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - no NVML library or no driver: nvidia-smi, else nulls
+        found = gpus()
+        out["driver"] = found[0]["driver"] if found else None
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        out["torch_cuda"] = torch.version.cuda
+    return out
+
+
 def slurm_job() -> dict[str, str] | None:
     keys = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_PARTITION", "SLURM_JOB_GPUS")
     found = {k.lower(): os.environ[k] for k in keys if k in os.environ}
@@ -203,5 +230,6 @@ def collect(seed: int | None = None) -> dict[str, object]:
         "packages": package_versions(),
         "lock": environment_lock(),
         "llama_cpp_build": llama_cpp_build(),
+        "cuda": cuda_versions(),
         "seed": seed,
     }

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe import estimate as est
-from llmpipe.errors import ConfigError
+from llmpipe.errors import ConfigError, ResourceError
 
 MIB = est.MIB
 
@@ -97,6 +97,8 @@ class Plan:
     gpu_mem_mb: int = 0
     margin: float = ASSUMPTIONS.mem_margin
     notes: tuple[str, ...] = field(default_factory=tuple)
+    fits: bool = True
+    on_gpu: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -198,6 +200,8 @@ def _plan(step: str, config_json: str | os.PathLike | None, **options: Any) -> P
         gpu_mem_mb=estimate.gpu_mem_mb,
         margin=a.mem_margin,
         notes=estimate.notes,
+        fits=estimate.fits,
+        on_gpu=options.get("hw", est.V100).is_gpu,
     )
 
 
@@ -242,6 +246,45 @@ def request(step: str, config_json: str | os.PathLike | None, attempt: int = 1, 
     if scale == 1:
         return p
     return replace(p, mem_mb=p.mem_mb * scale, runtime_min=p.runtime_min * scale)
+
+
+# What may make a GPU step that does not fit fit, tried in order (the estimator already tries
+# every GPU count up to ``Assumptions.max_gpus``).
+ALTERNATIVES: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
+    "finetune": (
+        ("gradient_checkpointing: true", {"gradient_checkpointing": True}),
+        ("method: qlora", {"method": "qlora"}),
+        ("method: qlora with gradient_checkpointing: true",
+         {"method": "qlora", "gradient_checkpointing": True}),
+        ("batch_size: 1 with gradient_checkpointing: true",
+         {"micro_batch": 1, "gradient_checkpointing": True}),
+    ),
+    "evaluate_transformers": (("batch_size: 1", {"batch": 1}),),
+}  # fmt: skip
+
+
+def checked_request(
+    model: str, step: str, config_json: str | os.PathLike | None, attempt: int = 1, **options
+) -> Plan:
+    """``request``, but planning stops (``ResourceError``, one line) when the estimator says a
+    GPU step does not fit the configured hardware: the model, the step, why, and what would
+    fit. Better now than an OOM after hours in the queue. CPU steps are not stopped: the
+    planner does not know the compute nodes' RAM (the request says what they need)."""
+    p = request(step, config_json, attempt, **options)
+    if p.fits or not p.on_gpu:
+        return p
+    would = []
+    for label, change in ALTERNATIVES.get(step, ()):
+        if not set(change) <= _parameters(step) or all(options.get(k) == v for k, v in
+                                                       change.items()):  # fmt: skip
+            continue
+        alt = plan(step, config_json, **{**options, **change})
+        if alt.fits:
+            would.append(f"{label} on {alt.gpus} GPU(s)")
+            break
+    why = p.notes[0] if p.notes else "over the GPUs' memory"
+    fix = would[0] if would else "a smaller model or dtype, or GPUs with more memory"
+    raise ResourceError(f"{model}: {step} does not fit: {why}; would fit: {fix}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +377,16 @@ class Usage:
 
     def __exit__(self, *exc) -> None:
         self.monitor.stop()
+
+    def planned_gpus(self) -> int:
+        """The GPUs the estimator gave this job (what its --gres asked for); 1 without a
+        prediction (a benchmark's own run) or on the CPU."""
+        if self.step is None:
+            return 1
+        try:
+            return max(1, plan(self.step, self.config_json, **self.options).gpus)
+        except Exception:  # noqa: BLE001 - no prediction: one device, as without a plan
+            return 1
 
     def fields(self, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``{"predicted": ..., "measured": ...}`` (+ ``"gpu"`` where there is one) for the

@@ -120,7 +120,7 @@ def get_resource_plan(step, wildcards, threads, attempt, options):
     else:
         config_json = res.model_config(wildcards.model, MODELS)
     opts.setdefault("threads", threads)
-    return res.request(step, config_json, attempt, **opts)
+    return res.checked_request(wildcards.model, step, config_json, attempt, **opts)
 
 
 def get_mem_mb(step, **options):

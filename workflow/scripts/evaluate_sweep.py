@@ -1,7 +1,11 @@
 from llmpipe.evaluation.jobs import run_sweep
+from llmpipe.hardware import need_for_eval
 from llmpipe.script import logged
 
-with logged(snakemake.log[0], snakemake.rule):
+gres = getattr(snakemake.resources, "gres", "")
+offload = {"n_gpu_layers": list(snakemake.params.n_gpu_layers)}
+gpu = need_for_eval(snakemake.rule, gres, "llama.cpp", offload)
+with logged(snakemake.log[0], snakemake.rule, gpu=gpu):
     run_sweep(
         model_id=snakemake.wildcards.model,
         ggufs={k: v for k, v in snakemake.input.items()},

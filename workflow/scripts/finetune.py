@@ -1,11 +1,14 @@
 from llmpipe.finetune.runner import run_finetune
-from llmpipe.finetune.settings import plan_options
+from llmpipe.finetune.settings import from_dict, plan_options
+from llmpipe.hardware import need_for_torch
 from llmpipe.resources import Usage
 from llmpipe.script import logged
 
 settings = snakemake.params.settings
+gres = getattr(snakemake.resources, "gres", "")
+gpu = need_for_torch(snakemake.rule, gres, from_dict(settings).wants_cuda)
 with (
-    logged(snakemake.log[0], snakemake.rule),
+    logged(snakemake.log[0], snakemake.rule, gpu=gpu),
     Usage.of_job(snakemake, **plan_options(settings, snakemake.input.train)) as usage,
 ):
     run_finetune(

@@ -9,9 +9,8 @@ Modules, by role (heavy imports — torch, transformers, llama_cpp — only insi
 - ``bandwidth``      the CPU read-bandwidth probe and the GPU peak-bandwidth table
 - ``records``        sampling settings and one prompt's result
 - ``llama_backend``  llama.cpp (llama-cpp-python): load, generate, score chunks, bench
-- ``hf_backend``     transformers: batched generation, score chunks
-- ``decoders``       the forward passes of generation: transformers' own, or a packed CPU
-                     decode loop for Llama-family models in fp32 (checked against it)
+- ``hf_backend``     transformers: batched ``model.generate`` (per-prompt seeds, first-token
+                     clock), placement over the granted GPUs, score chunks
 - ``farm``           split the prompts into shards and gather the shards' results
 - ``jobs``           one function per workflow rule (the scripts call these)
 

@@ -1,13 +1,21 @@
-"""The transformers backend: one model load, every prompt of the job generated in batches.
+"""The transformers backend: one model load, every prompt of the job through ``model.generate``.
 
 Not the seed's loop (model moved to the device and one prompt generated per iteration): prompts
-are sorted by length and generated ``batch_size`` at a time with left padding and attention
-masks, under ``torch.inference_mode``, by a decode loop that drops a sequence from the batch
-(and its KV cache rows) as soon as it ends, so no step is spent on finished sequences. The
-forward passes go through a decoder (``decoders``: transformers' own forward, or the packed CPU
-decoder for Llama-family models in fp32). Sampling: transformers' repetition penalty and top-p
-warpers; temperature and top-k on the k best logits only. dtype/device from config: fp16 on
-CUDA (V100 has no bf16), fp32 on CPU.
+are sorted by length and generated ``batch_size`` at a time by transformers' own ``generate``
+(left padding, attention masks, the model's own forward and cache), with the sampling settings
+from config. On CUDA: fp16 (V100 has no bf16) and ``cache_implementation="static"``, so that
+transformers may compile the decode step (``evaluate.transformers.compile``, off by default);
+a model the estimator does not fit on one GPU is loaded with ``device_map="auto"`` across the
+GPUs the job was granted. On the CPU: fp32 and transformers' dynamic cache.
+
+Timing without a decode loop of our own: a ``BaseStreamer`` stamps the moment generate hands
+over the first new token (end of the prompt pass) and the end; prefill and decode are the two
+spans. Per-prompt seeds under sampling: one batched ``generate`` draws every row from one
+global generator, so a prompt's sample would depend on its batch. ``PerPromptSampler`` (a
+logits processor, the last one generate runs before its own draw) applies transformers'
+temperature, top-k and top-p warpers and draws each row from that prompt's own
+``torch.Generator`` (``Sampling.prompt_seed``), leaving only the drawn token possible: generate's
+own multinomial then returns exactly it. The forward passes and the cache stay generate's.
 """
 
 from __future__ import annotations
@@ -33,8 +41,7 @@ class HFSettings:
     batch_size: int = 16
     attn_implementation: str = "sdpa"
     tune_threads: bool = True
-    cpu_packed_decode: bool = True
-    cpu_matmul: str = "auto"
+    compile: bool = False
     threads: int = 2
 
     @classmethod
@@ -74,8 +81,26 @@ def resolve(settings: HFSettings) -> tuple[str, str]:
     return device, dtype
 
 
-def load(hf_dir, settings: HFSettings):
-    """(model, tokenizer, device, dtype name), the model in eval mode on its device."""
+def placement(device: str, gpus: int) -> dict:
+    """``from_pretrained`` keywords that place the model: one GPU (or the CPU), or, when the
+    estimator says it needs ``gpus`` > 1, accelerate's ``device_map="auto"`` over that many
+    of the visible GPUs (layers split in order; generate moves activations between them)."""
+    import torch
+
+    if device != "cuda" or gpus <= 1:
+        return {}
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        raise ResourceError(
+            f"evaluate: the model needs {gpus} GPUs (estimator), this job sees {visible}; the "
+            f"rule requests them through --gres: check the profile's gpu type and count"
+        )
+    return {"device_map": "auto", "max_memory": {i: torch.cuda.mem_get_info(i)[0] for i in
+                                                 range(gpus)}}  # fmt: skip
+
+
+def load(hf_dir, settings: HFSettings, gpus: int = 1):
+    """(model, tokenizer, device, dtype name), the model in eval mode on its device(s)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,11 +108,22 @@ def load(hf_dir, settings: HFSettings):
     device, dtype = resolve(settings)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     tokenizer.padding_side = "left"
+    where = placement(device, gpus)
     model = AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=getattr(torch, dtype), attn_implementation=settings.attn_implementation
+        hf_dir,
+        dtype=getattr(torch, dtype),
+        attn_implementation=settings.attn_implementation,
+        **where,
     )
-    model.to(device).eval()
+    if not where:
+        model.to(device)
+    model.eval()
     return model, tokenizer, device, dtype
+
+
+def input_device(model):
+    """Where inputs go: the embedding's device (the first GPU of a split model)."""
+    return model.get_input_embeddings().weight.device
 
 
 def synchronize(device: str) -> None:
@@ -101,42 +137,10 @@ def warm_up(model, tokenizer, device: str) -> None:
     """One tiny forward pass so kernels and weights are ready before anything is timed."""
     import torch
 
-    ids = tokenizer("Hello", return_tensors="pt").input_ids.to(device)
+    ids = tokenizer("Hello", return_tensors="pt").input_ids.to(input_device(model))
     with torch.inference_mode():
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
     synchronize(device)
-
-
-def tune_threads(
-    decoder, tokenizer, device: str, threads: int, rows: int, rounds: int = 3, steps: int = 3
-) -> dict:
-    """On the CPU, time decode steps of a ``rows``-wide batch with ``threads`` threads and with
-    one, alternating ``rounds`` times, and keep one thread only if it is clearly faster
-    (``choose_threads``). torch's thread pool spins at every barrier; when another process holds
-    a core (a shared node, a busy laptop) two threads can be many times slower than one.
-    Returns the choice and the best step times (recorded in the eval JSON)."""
-    import torch
-
-    if device != "cpu" or threads <= 1:
-        return {"threads_used": threads, "step_s": {}}
-    ids = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
-    ids = ids.repeat(max(rows, 1), 1)
-    mask = torch.ones_like(ids)
-    positions = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
-    step_s = {threads: float("inf"), 1: float("inf")}
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for candidate in (threads, 1):
-                torch.set_num_threads(candidate)
-                decoder.start(ids, mask, positions, ids.shape[1] + steps)
-                for pos in range(ids.shape[1], ids.shape[1] + steps):
-                    start = time.perf_counter()
-                    decoder.step(ids[:, -1], torch.full((ids.shape[0],), pos))
-                    step_s[candidate] = min(step_s[candidate], time.perf_counter() - start)
-    step_s = {k: round(v, 5) for k, v in step_s.items()}
-    chosen = choose_threads(step_s, threads)
-    torch.set_num_threads(chosen)
-    return {"threads_used": chosen, "step_s": step_s}
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -170,52 +174,108 @@ def bos_for_chunks(tokenizer) -> int | None:
     return bos if with_special and with_special[0] == bos else None
 
 
-def _penalty(sampling: Sampling):
-    """transformers' repetition penalty processor, or None when it is off."""
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
-
-    if sampling.repetition_penalty == 1.0:
-        return None
-    return RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
+# --------------------------------------------------------------------------------------------
+# generate's hooks: the first-token stamp, and per-prompt draws
+# --------------------------------------------------------------------------------------------
 
 
-def _next_tokens(logits, seqs, sampling: Sampling, penalty, generator):
-    """One token per row: the repetition penalty, then the argmax (greedy) or temperature,
-    top-k, top-p and a draw. With top-k only the k best logits go on (the softmax over the
-    survivors is the softmax over the masked vocabulary); top-p is transformers' warper."""
+class FirstTokenClock:
+    """A ``BaseStreamer``: generate calls ``put`` with the prompt, then with each new token,
+    then ``end``. The second ``put`` is the end of the prompt pass (its token is on the host,
+    so the device has finished it)."""
+
+    def __init__(self):
+        self.puts = 0
+        self.first = None
+        self.ended = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        self.ended = time.perf_counter()
+
+
+def _streamer():
+    from transformers.generation.streamers import BaseStreamer
+
+    class _Clock(FirstTokenClock, BaseStreamer):
+        pass
+
+    return _Clock()
+
+
+def per_prompt_sampler(sampling: Sampling, seeds: list[int]):
+    """The logits processor that draws row i from a generator seeded with ``seeds[i]``, after
+    transformers' temperature, top-k and top-p (the repetition penalty ran before it, in
+    generate's own list); returns scores where only the drawn token is finite.
+
+    With top-k, the k best scores are taken first and everything after works on those k (the
+    same tokens survive as with transformers' top-k warper over the whole vocabulary, whose
+    other scores become -inf, and the same probabilities): a softmax and draws over k values
+    instead of the vocabulary, which on a small model is most of a step's sampling time."""
     import torch
-    from transformers.generation.logits_process import TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        LogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
 
-    if penalty is not None:
-        logits = penalty(seqs, logits)
-    if sampling.greedy:
-        return logits.argmax(dim=-1)
-    if sampling.top_k > 0:
-        scores, index = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1)
-    else:
-        scores, index = logits, None
-    scores = scores / sampling.temperature
-    if sampling.top_p < 1.0:
-        scores = TopPLogitsWarper(sampling.top_p)(seqs, scores)
-    if index is None:
-        return _sample(scores, generator)
-    pick = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
-    return index.gather(-1, pick).squeeze(1)
+    temperature = TemperatureLogitsWarper(sampling.temperature)
+    top_p = TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1.0 else None
+
+    class PerPromptSampler(LogitsProcessor):
+        def __init__(self):
+            self.generators = None
+
+        def __call__(self, input_ids, scores):
+            if self.generators is None:
+                self.generators = [
+                    torch.Generator(device=scores.device).manual_seed(s) for s in seeds
+                ]
+            kept, index = scores, None
+            if 0 < sampling.top_k < scores.shape[-1]:
+                kept, index = scores.topk(sampling.top_k, dim=-1)
+            kept = temperature(input_ids, kept)
+            if top_p is not None:
+                kept = top_p(input_ids, kept)
+            probs = torch.softmax(kept.float(), dim=-1)
+            picks = torch.stack(
+                [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in
+                 enumerate(self.generators)]
+            )[:, None]  # fmt: skip
+            if index is not None:
+                picks = index.gather(1, picks)
+            return torch.full_like(scores, float("-inf")).scatter_(1, picks, 0.0)
+
+    return PerPromptSampler()
 
 
-def _sample(scores, generator):
-    """One token per row from softmax(scores) over the whole vocabulary. After top-p most
-    scores are -inf: draw among the survivors only (a multinomial over the whole vocabulary
-    costs ~1 ms per row)."""
-    import torch
+def generation_kwargs(model, tokenizer, sampling: Sampling, device: str, compile: bool) -> dict:
+    """generate's settings: the config's sampling (warpers in our sampler when sampling), the
+    model's end-of-generation ids, a static cache on CUDA (compiled only with ``compile``)."""
+    from transformers import GenerationConfig
 
-    alive = int(torch.isfinite(scores).sum(dim=-1).max())
-    if alive < scores.shape[-1]:
-        top, index = scores.topk(alive, dim=-1)
-        pick = torch.multinomial(torch.softmax(top, dim=-1), 1, generator=generator)
-        return index.gather(-1, pick).squeeze(1)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    kwargs = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "do_sample": not sampling.greedy,
+        "repetition_penalty": sampling.repetition_penalty,
+        "eos_token_id": sorted(eos_ids(model, tokenizer)),
+        "pad_token_id": pad_id(model, tokenizer),
+        "disable_compile": not compile,
+    }
+    if not sampling.greedy:  # no warpers in generate's own list: ours draws after applying them
+        kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
+    if device == "cuda":
+        kwargs["cache_implementation"] = "static"
+    return {"generation_config": GenerationConfig(**kwargs)}
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -229,35 +289,61 @@ class BatchRecord:
     decode_s: float
 
 
+def tune_threads(model, tokenizer, device: str, threads: int, rows: int, rounds: int = 3) -> dict:
+    """On the CPU, time a short ``rows``-wide greedy generate with ``threads`` threads and with
+    one, alternating ``rounds`` times, and keep one thread only if its decode is clearly faster
+    (``choose_threads``). torch's thread pool spins at every barrier; when another process holds
+    a core (a shared node, a busy laptop) two threads can be many times slower than one.
+    Returns the choice and the best per-step decode times (recorded in the eval JSON)."""
+    import torch
+
+    if device != "cpu" or threads <= 1:
+        return {"threads_used": threads, "step_s": {}}
+    prompts = [(i, "The quick brown fox jumps over the lazy dog") for i in range(max(rows, 1))]
+    greedy = Sampling(max_new_tokens=4, temperature=0.0)
+    step_s = {threads: float("inf"), 1: float("inf")}
+    for _ in range(rounds):
+        for candidate in (threads, 1):
+            torch.set_num_threads(candidate)
+            _, (batch,) = generate(model, tokenizer, device, prompts, greedy, len(prompts))
+            if batch.steps:
+                step_s[candidate] = min(step_s[candidate], batch.decode_s / batch.steps)
+    step_s = {k: round(v, 5) for k, v in step_s.items()}
+    chosen = choose_threads(step_s, threads)
+    torch.set_num_threads(chosen)
+    return {"threads_used": chosen, "step_s": step_s}
+
+
 def generate(
-    decoder,
     model,
     tokenizer,
     device: str,
     prompts: list[tuple[int, str]],
     sampling: Sampling,
     batch_size: int,
+    compile: bool = False,
 ) -> tuple[list[PromptResult], list[BatchRecord]]:
-    """All prompts, ``batch_size`` at a time (sorted by length, so padding stays small), through
-    ``decoder`` (``decoders.make_decoder``)."""
+    """All prompts, ``batch_size`` at a time (sorted by length, so padding stays small), each
+    batch one ``model.generate``."""
     tokenized = [(index, prompt, tokenize(tokenizer, prompt)) for index, prompt in prompts]
     tokenized.sort(key=lambda item: len(item[2]))
+    kwargs = generation_kwargs(model, tokenizer, sampling, device, compile)
     results: list[PromptResult] = []
     batches: list[BatchRecord] = []
     for start in range(0, len(tokenized), max(batch_size, 1)):
         part = tokenized[start : start + batch_size]
-        done, record = _generate_batch(decoder, model, tokenizer, device, part, sampling)
+        done, record = _generate_batch(model, tokenizer, device, part, sampling, kwargs)
         results.extend(done)
         batches.append(record)
     results.sort(key=lambda r: r.index)
     return results, batches
 
 
-def _generate_batch(decoder, model, tokenizer, device, part, sampling: Sampling):
+def _generate_batch(model, tokenizer, device, part, sampling: Sampling, kwargs: dict):
     import torch
 
     eos = eos_ids(model, tokenizer)
-    pad = pad_id(model, tokenizer)
+    pad = kwargs["generation_config"].pad_token_id
     width = max(len(ids) for _, _, ids in part)
     rows = len(part)
     input_ids = torch.full((rows, width), pad, dtype=torch.long)
@@ -265,46 +351,31 @@ def _generate_batch(decoder, model, tokenizer, device, part, sampling: Sampling)
     for row, (_, _, ids) in enumerate(part):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         mask[row, width - len(ids) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    penalty = _penalty(sampling)
-    generator = torch.Generator(device=device).manual_seed(sampling.prompt_seed(part[0][0]))
-    active = torch.arange(rows, device=device)  # batch row -> index into `part`
-    generated: list[list[int]] = [[] for _ in part]
-    seqs = input_ids  # what the repetition penalty sees: prompt + generated, per active row
-    steps = 0
+    where = input_device(model)
+    clock = _streamer()
+    extra = {}
+    if not sampling.greedy:
+        seeds = [sampling.prompt_seed(index) for index, _, _ in part]
+        extra["logits_processor"] = [per_prompt_sampler(sampling, seeds)]
     with torch.inference_mode():
-        start = time.perf_counter()
-        logits = decoder.start(input_ids, mask, positions, width + sampling.max_new_tokens)
         synchronize(device)
-        prefilled = time.perf_counter()
-        last_pos = positions[:, -1]
-        while True:
-            nxt = _next_tokens(logits, seqs, sampling, penalty, generator)
-            nxt_list = nxt.tolist()
-            finished = []
-            for slot, (row, tok) in enumerate(zip(active.tolist(), nxt_list, strict=True)):
-                generated[row].append(tok)
-                if tok in eos or len(generated[row]) >= sampling.max_new_tokens:
-                    finished.append(slot)
-            if len(finished) == len(nxt_list):
-                break
-            if finished:
-                gone = set(finished)
-                keep = torch.tensor(
-                    [s for s in range(len(nxt_list)) if s not in gone], device=device
-                )
-                decoder.keep(keep)
-                active, nxt = active[keep], nxt[keep]
-                seqs, last_pos = seqs[keep], last_pos[keep]
-            last_pos = last_pos + 1
-            if penalty is not None:
-                seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-            logits = decoder.step(nxt, last_pos)
-            steps += 1
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=input_ids.to(where),
+            attention_mask=mask.to(where),
+            streamer=clock,
+            **kwargs,
+            **extra,
+        )
         synchronize(device)
         finished_at = time.perf_counter()
+    new = out[:, width:].tolist()
+    prefilled = clock.first or finished_at
     prefill_s, decode_s = prefilled - start, finished_at - prefilled
+    generated = []
+    for toks in new:
+        stop = next((k for k, t in enumerate(toks) if t in eos), None)
+        generated.append(toks if stop is None else toks[: stop + 1])
     results = []
     total_decode = sum(max(len(g) - 1, 0) for g in generated) or 1
     for row, (index, prompt, ids) in enumerate(part):
@@ -324,6 +395,7 @@ def _generate_batch(decoder, model, tokenizer, device, part, sampling: Sampling)
                 stop=stop,
             )
         )
+    steps = max(len(new[0]) - 1, 0) if new else 0
     return results, BatchRecord(rows, steps, width, prefill_s, decode_s)
 
 
@@ -332,7 +404,7 @@ def chunk_logits(model, device: str, chunk_input: np.ndarray, first: int) -> np.
     import torch
 
     n_ctx = len(chunk_input)
-    ids = torch.as_tensor(np.asarray(chunk_input, dtype=np.int64))[None].to(device)
+    ids = torch.as_tensor(np.asarray(chunk_input, dtype=np.int64))[None].to(input_device(model))
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=False, logits_to_keep=n_ctx - first)
     return out.logits[0, :-1, :].float().cpu().numpy()
@@ -343,7 +415,10 @@ def peak_vram_mb(device: str) -> float | None:
 
     if not device.startswith("cuda"):
         return None
-    return round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    return round(
+        sum(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count())) / 2**20,
+        1,
+    )
 
 
 def device_name(device: str) -> str:

@@ -184,7 +184,8 @@ def run_shard(
         if backend == "llama.cpp":
             run = _shard_llama(path, prompts, samp, settings, threads, shape)
         else:
-            run = _shard_transformers(path, prompts, samp, settings, threads, shape)
+            gpus = usage.planned_gpus()  # > 1: the estimator split the model over GPUs
+            run = _shard_transformers(path, prompts, samp, settings, threads, shape, gpus)
     resources = usage.fields()
     peak, peak_source = _peak_bandwidth(run.device, threads, bw)
     results = run.results
@@ -313,26 +314,23 @@ def _gpu_name() -> str:
     return gpus[0]["name"] if gpus else "gpu"
 
 
-def _shard_transformers(path, prompts, samp, settings, threads, shape) -> _ShardRun:
+def _shard_transformers(path, prompts, samp, settings, threads, shape, gpus=1) -> _ShardRun:
     from llmpipe.evaluation import hf_backend as hb
-    from llmpipe.evaluation.decoders import make_decoder
 
     cfg = hb.HFSettings.from_config(settings, threads)
     start = time.perf_counter()
-    model, tokenizer, device, dtype = hb.load(str(path), cfg)
+    model, tokenizer, device, dtype = hb.load(str(path), cfg, gpus=gpus)
     hb.warm_up(model, tokenizer, device)
-    weights = figures.torch_weight_bytes(model)  # before a packed decoder takes them over
+    weights = figures.torch_weight_bytes(model)
     rows = min(len(prompts), cfg.batch_size)
-    decoder, decoder_note = make_decoder(
-        model, device, dtype, rows, cfg.cpu_packed_decode, cfg.cpu_matmul
-    )
-    print(decoder_note, flush=True)
     load_s = time.perf_counter() - start
     tuned = {"threads_used": cfg.threads, "step_s": {}}
     if cfg.tune_threads:
-        tuned = hb.tune_threads(decoder, tokenizer, device, cfg.threads, rows)
+        tuned = hb.tune_threads(model, tokenizer, device, cfg.threads, rows)
         print(f"torch threads: {tuned}", flush=True)
-    results, batches = hb.generate(decoder, model, tokenizer, device, prompts, samp, cfg.batch_size)
+    results, batches = hb.generate(
+        model, tokenizer, device, prompts, samp, cfg.batch_size, compile=cfg.compile
+    )
     kv_elem = figures.TORCH_DTYPE_BYTES[dtype]
     files = [p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
     steps = sum(b.steps for b in batches)
@@ -344,6 +342,7 @@ def _shard_transformers(path, prompts, samp, settings, threads, shape) -> _Shard
         + figures.decode_kv_bytes(shape, r.prompt_tokens, r.generated_tokens, kv_elem)
         for r in results
     ]
+    split = getattr(model, "hf_device_map", None)
     return _ShardRun(
         device=hb.device_name(device),
         settings={
@@ -352,9 +351,10 @@ def _shard_transformers(path, prompts, samp, settings, threads, shape) -> _Shard
             "resolved_dtype": dtype,
             "threads_used": tuned["threads_used"],
             "thread_step_s": tuned["step_s"],
-            "decoder": decoder.name,
-            "decoder_matmul": getattr(getattr(decoder, "matmul", None), "name", None),
-            "decoder_note": decoder_note,
+            "generate": "transformers generate (static cache)"
+            if device == "cuda"
+            else "transformers generate",
+            "gpus": len(set(split.values())) if split else (1 if device == "cuda" else 0),
         },
         load_s=load_s,
         gb_disk_to_device=sum(p.stat().st_size for p in files) / figures.GB,
@@ -376,7 +376,9 @@ def _shard_transformers(path, prompts, samp, settings, threads, shape) -> _Shard
 class _Scorer:
     """A model that tokenizes like its backend and returns the scored logits of a chunk."""
 
-    def __init__(self, backend: str, path: Path, settings: dict, threads: int, n_ctx: int):
+    def __init__(
+        self, backend: str, path: Path, settings: dict, threads: int, n_ctx: int, gpus: int = 1
+    ):
         self.backend = backend
         if backend == "llama.cpp":
             from llmpipe.evaluation import llama_backend as lb
@@ -389,7 +391,9 @@ class _Scorer:
             from llmpipe.evaluation import hf_backend as hb
 
             self.cfg = hb.HFSettings.from_config(settings, threads)
-            self.model, self.tokenizer, self.device, self.dtype = hb.load(str(path), self.cfg)
+            self.model, self.tokenizer, self.device, self.dtype = hb.load(
+                str(path), self.cfg, gpus=gpus
+            )
             self.bos = hb.bos_for_chunks(self.tokenizer)
             self.n_vocab = int(self.model.config.vocab_size)
 
@@ -440,7 +444,7 @@ def write_reference(
     usage, measuring = _measure(usage)
     path, staged = stage_model(source, manifest, stage, _stage_name(backend, model_id, variant))
     with measuring, atomic.atomic_path(out_base) as tmp:
-        scorer = _Scorer(backend, path, settings, threads, n_ctx)
+        scorer = _Scorer(backend, path, settings, threads, n_ctx, usage.planned_gpus())
         body = Path(text).read_text(encoding="utf-8")
         tokens = scorer.tokenize(body)
         chunks = metrics.make_chunks(tokens, n_ctx, max_chunks)
@@ -521,7 +525,7 @@ def run_quality(
     base_file = metrics.read_base_file(base)
     path, staged = stage_model(source, manifest, stage, _stage_name(backend, model_id, variant))
     with measuring:
-        scorer = _Scorer(backend, path, settings, threads, base_file.n_ctx)
+        scorer = _Scorer(backend, path, settings, threads, base_file.n_ctx, usage.planned_gpus())
         if scorer.n_vocab != base_file.n_vocab:
             raise PipelineError(
                 f"{variant} has a vocabulary of {scorer.n_vocab}, the reference "

@@ -10,9 +10,10 @@ A fine-tuned model is a model of its own (``<base>-ft``): its merged weights re-
 - ``tasks``        the built-in, seeded instruction task (the default run's data set)
 - ``dataset``      JSONL instruction/response pairs: checks, splits, chat-template rendering,
                    tokenisation with the loss on the response only, batching
-- ``distributed``  process group from torchrun's environment; DDP or FSDP wrapping
-- ``checkpoint``   atomic checkpoints (complete or absent) and resuming from the newest one
-- ``train``        the training loop (``python -m llmpipe.finetune.train``), loss curve, metrics
+- ``train``        one training process (``python -m llmpipe.finetune.train``): transformers'
+                   ``Trainer`` + PEFT (DDP/FSDP through accelerate under torchrun), the loss
+                   on response tokens with the head at scored positions only, Trainer's
+                   checkpoints and resume, the loss curve and metrics from callbacks
 - ``flops``        the FLOPs of LoRA and full fine-tuning per token (documented formulas)
 - ``merge``        the adapter merged into the base: an HF folder + manifest; adapter -> GGUF
 - ``compare``      base vs tuned on the held-out set: exact-match accuracy and perplexity

@@ -135,7 +135,7 @@ def compare(
 
     if threads:
         torch.set_num_threads(threads)
-    from llmpipe.finetune.distributed import choose_device
+    from llmpipe.finetune.train import choose_device
 
     device = choose_device(settings.get("device", "auto"), "lora")
     records = ds.read_jsonl(heldout)

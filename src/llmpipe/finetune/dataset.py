@@ -235,13 +235,6 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The training order of epoch ``epoch``: the same on every rank and after a resume."""
-    order = list(range(n))
-    random.Random(f"{seed}-{epoch}").shuffle(order)  # noqa: S311 - reproducible order
-    return order
-
-
 def pad_token_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:

@@ -1,9 +1,10 @@
 """What the workflow's ``finetune`` rule runs: check, launch the training processes, draw the curve.
 
-The training itself runs in child processes (``llmpipe.finetune.train``), started by the command
-``llmpipe.finetune.launch`` builds for the configured nodes and GPUs; their output goes to the
-rule's log. The spec they read (paths, settings, fingerprints) is written beside the
-checkpoints, so a rerun after an interruption resumes from the newest matching checkpoint.
+The training itself runs in child processes (``llmpipe.finetune.train``: transformers' Trainer
+with PEFT), started by the command ``llmpipe.finetune.launch`` builds for the configured nodes
+and GPUs (one process, torchrun, or srun + torchrun); their output goes to the rule's log. The
+spec they read (paths, settings, fingerprints) is written beside Trainer's checkpoints, so a
+rerun after an interruption resumes from the newest matching checkpoint.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from llmpipe.finetune.settings import from_dict
 
 def fail_fast(settings: dict[str, Any]) -> str:
     """Refuse, before any process starts, what this machine cannot run; returns the device."""
-    from llmpipe.finetune import distributed as dd
+    from llmpipe.finetune import train
 
     s = from_dict(settings)
-    device = dd.choose_device(s.device, s.method)
+    device = train.choose_device(s.device, s.method)
     if s.method == "qlora":
-        dd.check_bitsandbytes()
+        train.check_bitsandbytes()
     return device
 
 

@@ -1,35 +1,41 @@
 """The training process: ``python -m llmpipe.finetune.train --spec spec.json`` (or torchrun).
 
-One loop for every placement: one CPU process, one GPU, DDP over GPUs (or CPU processes, gloo)
-or FSDP. What it does, in order:
+transformers' ``Trainer`` with PEFT does the training, for every placement: one CPU process, one
+GPU, DDP over GPUs (or CPU processes, gloo) or FSDP, under torchrun (``launch``). What is ours:
 
 1. fail fast: QLoRA without CUDA, bitsandbytes missing, bf16 on a GPU without it (V100);
-2. tokenise the train and held-out splits with the model's chat template (loss on responses);
-3. load the base model — frozen, in fp16 on a GPU (fp32 on the CPU), or 4/8-bit through
-   bitsandbytes for QLoRA with fp16 compute — and add LoRA adapters (fp32, trainable);
-4. resume from the newest matching checkpoint, if any;
-5. per optimizer step, ``grad_accum`` micro-batches of ``batch_size`` examples on every process;
-   the loss is the mean over the global batch's response tokens (exact, however the tokens fall
-   into micro-batches and processes); fp16 autocast with a dynamic loss scale on GPUs; gradient
-   clipping; warm-up then cosine/linear decay;
-6. held-out loss before the first step, every ``eval_every`` steps and at the end;
-7. a checkpoint every ``save_every`` steps; at the end the adapter (PEFT format), the loss curve
-   (CSV) and the metrics (tokens/s, peak memory, FLOPs, provenance).
-
-Compared with a plain PEFT + ``transformers.Trainer`` script on the same settings (bench/), the
-loop computes the output head only at the scored positions: the logits of prompt and padding
-tokens (vocab-sized, the largest activation of a small model) are never formed.
+2. the data: the train and held-out splits tokenised with the model's chat template, the loss
+   on the response tokens only (``dataset``);
+3. the model: frozen base in fp16 on a GPU (fp32 on the CPU), or 4/8-bit through bitsandbytes
+   for QLoRA (``BitsAndBytesConfig``, fp16 compute), LoRA adapters from PEFT (fp32);
+4. ``ResponseTrainer.compute_loss``: the mean over the global batch's response tokens (exact
+   however they fall into micro-batches and processes: Trainer's ``num_items_in_batch``), with
+   the output head applied only to the positions from the batch's first scored one on
+   (``logits_to_keep``, through the model's own forward, so DDP/FSDP hooks run as usual). On
+   the default run's data ~80 % of the tokens are prompt: their vocab-sized logits (the largest
+   activation of a small model) are never formed;
+5. held-out loss per response token before the first step, every ``eval_every`` steps and at
+   the end (``ResponseTrainer.evaluate``, on Trainer's schedule);
+6. Trainer's own checkpoints every ``save_every`` steps (``checkpoint-<step>``, the newest
+   ``keep_checkpoints`` kept); each gets a ``llmpipe.json`` with the run's fingerprint once
+   Trainer has written it, and a rerun resumes (``resume_from_checkpoint``) from the newest
+   complete one with the same fingerprint; others are removed;
+7. at the end the adapter (PEFT format), the loss curve (CSV, from Trainer's log history) and
+   the metrics: tokens/s over the training steps only, peak memory, FLOPs, provenance.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,25 +43,59 @@ from typing import Any
 
 from llmpipe import atomic, provenance
 from llmpipe.errors import PipelineError, ResourceError
-from llmpipe.finetune import checkpoint as ckpt
 from llmpipe.finetune import dataset as ds
-from llmpipe.finetune import distributed as dd
 from llmpipe.finetune.settings import Settings, from_dict, target_modules
 
-# transformers model types whose logits are plain ``lm_head(hidden)``: the head may then be
-# applied to the scored positions only. Others (soft-capped or scaled logits) run the full head.
-PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "falcon", "RefinedWeb", "RefinedWebModel"}
 LOSS_FIELDS = ("step", "epoch", "split", "loss", "tokens", "seconds")
+COUNTS = ("tokens", "scored_tokens", "square_tokens")  # totals in every log entry
+MARKER = "llmpipe.json"  # in a checkpoint folder: complete, and made with this fingerprint
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
-def log(message: str, d: dd.Dist | None = None) -> None:
-    if d is None or d.is_main:
+def log(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
-# Precision and model
+# Fail fast
 # --------------------------------------------------------------------------------------------
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_device(device: str, method: str) -> str:
+    """'cuda' or 'cpu' for the settings' ``device`` (auto = CUDA when present); QLoRA and an
+    explicit 'cuda' fail fast, before any model is loaded, where there is no CUDA."""
+    has_cuda = cuda_available()
+    if method == "qlora" and not has_cuda:
+        raise ResourceError(
+            "finetune.method: qlora needs a CUDA GPU (bitsandbytes 4-bit/8-bit kernels), and "
+            "this machine has none (torch.cuda.is_available() is False); use method: lora "
+            "here, or run on a GPU node"
+        )
+    if device == "cuda" and not has_cuda:
+        raise ResourceError(
+            "finetune.device: cuda, but torch.cuda.is_available() is False on this machine "
+            "(no GPU, no driver, or a CPU-only torch build); use device: auto or cpu"
+        )
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return device
+
+
+def check_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ResourceError(
+            "finetune.method: qlora needs the bitsandbytes package (the qlora extra: "
+            "LLMPIPE_QLORA=1 tools/setup.sh, in the workflow's environment on the GPU nodes)"
+        ) from err
 
 
 def choose_precision(precision: str, device: str) -> str:
@@ -74,43 +114,14 @@ def choose_precision(precision: str, device: str) -> str:
     return precision
 
 
-class ResponseLoss:
-    """Builds the module that returns (sum of token losses, scored tokens) for a batch."""
-
-    @staticmethod
-    def build(peft_model):
-        import torch
-        import torch.nn.functional as F
-        from torch import nn
-
-        class _Module(nn.Module):
-            def __init__(self, peft):
-                super().__init__()
-                self.peft = peft
-                base = peft.get_base_model()
-                self.selective = getattr(base.config, "model_type", None) in PLAIN_HEAD
-
-            def forward(self, input_ids, attention_mask, labels):
-                base = self.peft.get_base_model()
-                target = labels[:, 1:]
-                scored = target != ds.IGNORE
-                if self.selective:
-                    out = base.get_decoder()(
-                        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                    )
-                    hidden = out.last_hidden_state[:, :-1][scored]
-                    logits = base.get_output_embeddings()(hidden)
-                else:
-                    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                    logits = out.logits[:, :-1][scored]
-                loss = F.cross_entropy(logits.float(), target[scored], reduction="sum")
-                return loss, scored.sum().to(torch.float32)
-
-        return _Module(peft_model)
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
 
 
-def load_model(base_hf: str, s: Settings, device: str, precision: str, d: dd.Dist):
-    """The base model with LoRA adapters (PEFT), on this process's device."""
+def load_model(base_hf: str, s: Settings, device: str, precision: str):
+    """The base model with LoRA adapters (PEFT), on this process's device (QLoRA: loaded there
+    by bitsandbytes; otherwise Trainer moves it)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -129,17 +140,17 @@ def load_model(base_hf: str, s: Settings, device: str, precision: str, d: dd.Dis
             bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=True,
         )
-        kwargs["device_map"] = {"": d.local_rank}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(base_hf, **kwargs)
     model.config.use_cache = False
     if s.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=s.gradient_checkpointing
+            model,
+            use_gradient_checkpointing=s.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif not (s.strategy == "fsdp" and d.enabled):
-        model.to(d.device)  # FSDP moves each shard to its device itself
     torch.manual_seed(s.seed)  # the same adapter initialisation on every process
     lora = LoraConfig(
         r=s.lora_r,
@@ -149,95 +160,294 @@ def load_model(base_hf: str, s: Settings, device: str, precision: str, d: dd.Dis
         task_type="CAUSAL_LM",
         bias="none",
     )
-    peft_model = get_peft_model(model, lora)  # adapters in fp32 (autocast_adapter_dtype)
-    if s.gradient_checkpointing:
-        peft_model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    return peft_model
+    return get_peft_model(model, lora)  # adapters in fp32 (autocast_adapter_dtype)
 
 
-def decoder_layers(peft_model) -> list:
-    """The repeated blocks FSDP shards one by one."""
+def decoder_layer_classes(peft_model) -> list[str]:
+    """The repeated blocks' class names (FSDP wraps each one)."""
     decoder = peft_model.get_base_model().get_decoder()
     for name in ("layers", "h", "blocks"):
         blocks = getattr(decoder, name, None)
-        if blocks is not None:
-            return list(blocks)
+        if blocks is not None and len(blocks):
+            return [type(blocks[0]).__name__]
     return []
 
 
-def lr_lambda(s: Settings, total_steps: int):
-    def factor(step: int) -> float:
-        if step < s.warmup_steps:
-            return (step + 1) / (s.warmup_steps + 1)
-        if s.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - s.warmup_steps) / max(1, total_steps - s.warmup_steps)
-        progress = min(1.0, progress)
-        if s.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
 # --------------------------------------------------------------------------------------------
-# The loop
+# Checkpoints: Trainer's, marked complete with the run's fingerprint
 # --------------------------------------------------------------------------------------------
 
 
-class Run:
-    """State of one training run (kept across steps, saved in checkpoints)."""
-
-    def __init__(self):
-        self.history: list[dict[str, Any]] = []
-        self.tokens = 0  # non-padding tokens trained on, all processes
-        self.scored = 0  # of which scored (response) tokens
-        self.train_seconds = 0.0  # forward/backward/optimizer time, excluding evals and saves
-        self.train_cpu_seconds = 0.0  # this process's CPU time in the same spans (all threads)
-        self.sequence_tokens = 0  # sum over examples of their length (for attention FLOPs)
-        self.examples = 0
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "history": self.history,
-            "tokens": self.tokens,
-            "scored": self.scored,
-            "train_seconds": self.train_seconds,
-            "train_cpu_seconds": self.train_cpu_seconds,
-            "sequence_tokens": self.sequence_tokens,
-            "examples": self.examples,
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.history = list(state["history"])
-        self.tokens = state["tokens"]
-        self.scored = state["scored"]
-        self.train_seconds = state["train_seconds"]
-        self.train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
-        self.sequence_tokens = state["sequence_tokens"]
-        self.examples = state["examples"]
+def fingerprint(parts: dict[str, Any]) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def evaluate_loss(module, examples, s: Settings, pad_id: int, d: dd.Dist, autocast) -> float:
-    """Mean held-out loss per response token, over all processes."""
+def checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Trainer's checkpoint folders in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _CHECKPOINT.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resumable(folder: str | os.PathLike, fp: str, prune: bool = False) -> Path | None:
+    """The newest complete checkpoint made with fingerprint ``fp`` (None: start at step 0).
+    With ``prune``, remove the others: incomplete ones (killed while Trainer wrote them) and
+    those of other settings, data or base model."""
+    newest = None
+    for _, path in reversed(checkpoints(folder)):
+        marker = path / MARKER
+        mine = marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp
+        if mine and newest is None:
+            newest = path
+        elif not mine and prune:
+            shutil.rmtree(path, ignore_errors=True)
+    return newest
+
+
+def _callbacks(fp: str, total_steps: int, log_every: int):
+    """Trainer callbacks: the checkpoint marker, the last step's evaluation and no save there,
+    the time of the training steps (evaluation and saving excluded) and the console log."""
     import torch
+    from transformers import TrainerCallback
 
-    module.eval()
-    total = count = 0.0
-    mine = examples[d.rank :: d.world_size]
-    with torch.no_grad():
-        for start in range(0, len(mine), s.batch_size):
-            batch = ds.collate(mine[start : start + s.batch_size], pad_id)
-            batch = {k: v.to(d.device) for k, v in batch.items()}
-            with autocast():
-                loss, n = module(**batch)
-            total += float(loss)
-            count += float(n)
-    module.train()
-    total, count = dd.all_sum(d, [total, count])
-    return total / max(count, 1.0)
+    class Steps(TrainerCallback):
+        def __init__(self):
+            self.seconds = 0.0
+            self.cpu_seconds = 0.0
+            self._t0 = self._c0 = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            done = [h for h in state.log_history if "train_seconds" in h]
+            if done:  # resumed: the time already spent
+                self.seconds = done[-1]["train_seconds"]
+                self.cpu_seconds = done[-1].get("train_cpu_seconds", 0.0)
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - self._t0
+            self.cpu_seconds += time.process_time() - self._c0
+            if state.global_step >= total_steps:
+                control.should_evaluate = True  # the end of the curve
+                control.should_save = False  # the adapter is the result, not a checkpoint
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                atomic.write_json(folder / MARKER, {"fingerprint": fp, "step": state.global_step})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            step = state.global_step
+            if logs and "loss" in logs and (step % log_every == 0 or step == total_steps):
+                log(
+                    f"step {step}/{total_steps}: loss {logs['loss']:.4f}, lr "
+                    f"{logs.get('learning_rate', 0):.2e}, grad norm {logs.get('grad_norm', 0):.3f}"
+                    f", {logs.get('tokens', 0) / max(self.seconds, 1e-9):.0f} tokens/s"
+                )
+            if logs and "eval_loss" in logs:
+                log(f"step {step}: held-out loss {logs['eval_loss']:.4f}")
+
+    return Steps()
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer: loss on response tokens, head at the scored positions only
+# --------------------------------------------------------------------------------------------
+
+
+def make_trainer(model, args, train_examples, heldout, pad_id: int, steps_cb, fsdp: bool):
+    import torch
+    import torch.nn.functional as F
+    from transformers import Trainer
+
+    def collate(examples):
+        return ds.collate(examples, pad_id)
+
+    class ResponseTrainer(Trainer):
+        # compute_loss divides by the global batch's scored tokens itself.
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch
+            # This process's non-padding tokens, scored tokens and sum of squared lengths
+            # (attention FLOPs) since this run started; the log adds a resumed run's totals.
+            self.counts = dict.fromkeys(COUNTS, 0.0)
+            self.history_base: dict[str, float] = {}
+
+        def response_loss(self, model, inputs):
+            """(sum of the response tokens' losses, their count) of one batch."""
+            labels = inputs["labels"]
+            target = labels[:, 1:]
+            scored = target != ds.IGNORE
+            cols = scored.any(dim=0).nonzero()
+            first = int(cols[0]) if len(cols) else target.shape[1] - 1
+            # Logits only from the first scored position on (prompts come first in every row):
+            # positions first .. width-2 predict the targets first .. width-2 (shifted).
+            width = labels.shape[1]
+            out = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+                logits_to_keep=width - first,
+            )
+            logits = out.logits[:, :-1]
+            kept_target, kept = target[:, first:], scored[:, first:]
+            loss = F.cross_entropy(logits[kept].float(), kept_target[kept], reduction="sum")
+            return loss, kept.sum()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, count = self.response_loss(model, inputs)
+            if model.training:
+                lengths = inputs["attention_mask"].sum(dim=1)
+                self.counts["tokens"] += float(lengths.sum())
+                self.counts["scored_tokens"] += float(count)
+                self.counts["square_tokens"] += float((lengths**2).sum())
+            if num_items_in_batch is None:
+                loss = loss / count.clamp(min=1)
+            else:
+                # DDP and FSDP average gradients over processes: times the world size, the
+                # result is the mean over every scored token of the global batch.
+                loss = loss / num_items_in_batch * self.accelerator.num_processes
+            return (loss, None) if return_outputs else loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """Mean held-out loss per response token, over all processes."""
+            model = self.model_wrapped if fsdp else self.model
+            rank, world = self.args.process_index, self.args.world_size
+            mine = heldout if fsdp else heldout[rank::world]  # FSDP: every rank runs each pass
+            total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+            was_training = model.training
+            model.eval()
+            with torch.no_grad(), self.accelerator.autocast():
+                for start in range(0, len(mine), self.args.per_device_eval_batch_size):
+                    batch = collate(mine[start : start + self.args.per_device_eval_batch_size])
+                    batch = {k: v.to(self.args.device) for k, v in batch.items()}
+                    loss, count = self.response_loss(model, batch)
+                    total += torch.stack([loss.double(), count.double()])
+            if world > 1 and not fsdp:
+                torch.distributed.all_reduce(total)
+            model.train(was_training)
+            metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1].clamp(min=1))}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(
+                self.args, self.state, self.control, metrics
+            )
+            return metrics
+
+        def log(self, logs, start_time=None):
+            """Every entry of the loss curve carries the totals so far (all processes)."""
+            counts = torch.tensor(
+                [self.counts[k] for k in COUNTS], dtype=torch.float64, device=self.args.device
+            )
+            if self.args.world_size > 1:
+                torch.distributed.all_reduce(counts)
+            if not self.history_base:
+                done = [h for h in self.state.log_history if "scored_tokens" in h]
+                self.history_base = {k: done[-1][k] if done else 0 for k in COUNTS}
+            logs = {
+                **logs,
+                **{
+                    k: int(self.history_base[k] + v)
+                    for k, v in zip(COUNTS, counts.tolist(), strict=True)
+                },
+                "train_seconds": round(steps_cb.seconds, 3),
+                "train_cpu_seconds": round(steps_cb.cpu_seconds, 3),
+            }
+            super().log(logs, start_time)
+
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = ResponseTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_examples,
+        eval_dataset=heldout,  # evaluated by ``evaluate`` above, on Trainer's schedule
+        data_collator=collate,
+        callbacks=[steps_cb],
+    )
+    trainer.remove_callback(PrinterCallback)  # a dict per step; ours logs every log_every
+    return trainer
+
+
+def training_arguments(s: Settings, out_dir: str, device: str, precision: str, total: int, layers):
+    from transformers import TrainingArguments
+
+    scheduler = s.lr_scheduler
+    if scheduler == "constant" and s.warmup_steps:
+        scheduler = "constant_with_warmup"
+    fsdp = {}
+    if s.strategy == "fsdp" and s.total_processes > 1:
+        fsdp = {
+            "fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": layers},
+        }
+    return _arguments(
+        TrainingArguments,
+        output_dir=out_dir,
+        per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        max_steps=total,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=scheduler,
+        warmup_steps=s.warmup_steps,
+        weight_decay=s.weight_decay,
+        max_grad_norm=s.max_grad_norm,
+        optim="adamw_torch",
+        activation_checkpointing=s.gradient_checkpointing and s.method != "qlora",
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        use_cpu=device == "cpu",
+        seed=s.seed,
+        data_seed=s.seed,
+        logging_strategy="steps",
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=s.eval_every,
+        save_strategy="steps",
+        save_steps=s.save_every,
+        save_total_limit=s.keep_checkpoints,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        ddp_find_unused_parameters=False,
+        report_to=[],
+        disable_tqdm=True,
+        log_level="warning",
+        **fsdp,
+    )
+
+
+def _arguments(cls, **kwargs):
+    """``TrainingArguments`` on this transformers (the GPU check runs on a machine's own):
+    releases before ``activation_checkpointing`` call it ``gradient_checkpointing``."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    for new, old in (
+        ("activation_checkpointing", "gradient_checkpointing"),
+        ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"),
+    ):
+        if new not in names and new in kwargs:
+            kwargs[old] = kwargs.pop(new)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------
 
 
 def train(spec: dict[str, Any]) -> dict[str, Any]:
@@ -245,31 +455,27 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     s = from_dict(spec["settings"])
-    device = dd.choose_device(s.device, s.method)  # QLoRA without CUDA fails here, first
+    device = choose_device(s.device, s.method)  # QLoRA without CUDA fails here, first
     if s.method == "qlora":
-        dd.check_bitsandbytes()
+        check_bitsandbytes()
     precision = choose_precision(s.precision, device)
-    d = dd.init(device)
     if spec.get("threads") and device == "cpu":
         torch.set_num_threads(max(1, int(spec["threads"]) // max(1, s.gpus_per_node)))
-    try:
-        return _train(spec, s, device, precision, d)
-    finally:
-        dd.shutdown()
+    return _train(spec, s, device, precision)
 
 
-def _train(spec: dict, s: Settings, device: str, precision: str, d: dd.Dist) -> dict:
-    import contextlib
-
+def _train(spec: dict, s: Settings, device: str, precision: str) -> dict:
     import torch
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_warning()
     start_wall = time.perf_counter()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    strategy = s.strategy if world > 1 else "single"
     log(
-        f"finetune: {s.method} r={s.lora_r} on {d.world_size} process(es) "
-        f"({s.nodes} node(s) x {s.gpus_per_node}), device {device}, precision {precision}, "
-        f"strategy {s.strategy if d.enabled else 'single'}",
-        d,
+        f"finetune: {s.method} r={s.lora_r} on {world} process(es) ({s.nodes} node(s) x "
+        f"{s.gpus_per_node}), device {device}, precision {precision}, strategy {strategy}"
     )
     tokenizer = AutoTokenizer.from_pretrained(spec["base_hf"])
     own_template = ds.ensure_chat_template(tokenizer)
@@ -283,14 +489,12 @@ def _train(spec: dict, s: Settings, device: str, precision: str, d: dd.Dist) -> 
     heldout = heldout_all[: s.eval_examples] if s.eval_examples else heldout_all
     log(
         f"data: {len(train_examples)} training examples ({dropped} longer than seq_len "
-        f"dropped), {len(heldout)} held-out for the loss curve",
-        d,
+        f"dropped), {len(heldout)} held-out for the loss curve"
     )
-
-    global_batch = s.batch_size * s.grad_accum * d.world_size
+    global_batch = s.batch_size * s.grad_accum * world
     steps_per_epoch = math.ceil(len(train_examples) / global_batch)
     total_steps = s.max_steps or s.epochs * steps_per_epoch
-    fp = ckpt.fingerprint(
+    fp = fingerprint(
         {
             "settings": {
                 k: v
@@ -299,141 +503,50 @@ def _train(spec: dict, s: Settings, device: str, precision: str, d: dd.Dist) -> 
             },
             "base": spec.get("base_fingerprint"),
             "data": [spec.get("train_sha256"), spec.get("heldout_sha256")],
-            "world_size": d.world_size,
+            "world_size": world,
         }
     )
-
-    peft_model = load_model(spec["base_hf"], s, device, precision, d)
-    module = ResponseLoss.build(peft_model)
-    model = dd.wrap(
-        module, d, s.strategy, layers=decoder_layers(peft_model), fp16=precision == "fp16"
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    peft_model = load_model(spec["base_hf"], s, device, precision)
     n_lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(trainable, lr=s.learning_rate, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s, total_steps))
-    # fp16 needs a dynamic loss scale (the adapters and their gradients stay fp32).
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device == "cuda")
-
-    def autocast():
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        return torch.autocast(device_type="cuda", dtype=dtype)
-
-    run = Run()
-    first_step = 0
-    found = ckpt.latest(spec["checkpoints"], fp)
-    if found is not None:
-        path, state = found
-        extra = ckpt.load(path, model, optimizer, d)
-        scheduler.load_state_dict(extra["scheduler"])
-        if extra.get("scaler") is not None and scaler.is_enabled():
-            scaler.load_state_dict(extra["scaler"])
-        run.restore(state["run"])
-        first_step = state["step"]
-        log(f"resuming from {path} (step {first_step} of {total_steps})", d)
+    args = training_arguments(
+        s, spec["checkpoints"], device, precision, total_steps, decoder_layer_classes(peft_model)
+    )
+    steps = _callbacks(fp, total_steps, s.log_every)
+    trainer = make_trainer(
+        peft_model, args, train_examples, heldout, pad_id, steps, fsdp="fsdp" in strategy
+    )
+    resume = resumable(spec["checkpoints"], fp)
+    trainer.accelerator.wait_for_everyone()  # every rank has chosen before any is removed
+    if trainer.is_world_process_zero():
+        resumable(spec["checkpoints"], fp, prune=True)
+    if resume is None:
+        log(f"no checkpoint to resume from in {spec['checkpoints']}: starting at step 0")
+        trainer.args.eval_on_start = True  # the curve's step 0 (a resumed run has it)
     else:
-        log(f"no checkpoint to resume from in {spec['checkpoints']}: starting at step 0", d)
+        log(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if world > 1:  # what accelerate actually did
+        strategy = "fsdp" if trainer.is_fsdp_enabled else "ddp"
+    first_step = int(_CHECKPOINT.fullmatch(resume.name).group(1)) if resume else 0
 
-    def record(step: int, split: str, loss: float) -> None:
-        run.history.append(
-            {
-                "step": step,
-                "epoch": round(step / steps_per_epoch, 4),
-                "split": split,
-                "loss": round(loss, 6),
-                "tokens": run.tokens,
-                "seconds": round(run.train_seconds, 3),
-            }
-        )
-
-    if first_step == 0:
-        loss0 = evaluate_loss(model, heldout, s, pad_id, d, autocast)
-        record(0, "heldout", loss0)
-        log(f"step 0: held-out loss {loss0:.4f}", d)
-
-    model.train()
-    for step in range(first_step, total_steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        epoch, within = divmod(step, steps_per_epoch)
-        order = ds.epoch_order(len(train_examples), s.seed, epoch)
-        chunk = [order[(within * global_batch + i) % len(order)] for i in range(global_batch)]
-        per_rank = s.batch_size * s.grad_accum
-        mine = [train_examples[i] for i in chunk[d.rank * per_rank : (d.rank + 1) * per_rank]]
-        micro = [mine[i : i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
-        global_scored, global_tokens, n_examples, square_tokens = dd.all_sum(
-            d,
-            [
-                sum(e.n_labels for e in mine),
-                sum(e.n_tokens for e in mine),
-                len(mine),
-                sum(e.n_tokens**2 for e in mine),  # for the attention FLOPs
-            ],
-        )
-        loss_sum = 0.0
-        for index, examples in enumerate(micro):
-            batch = {k: v.to(d.device) for k, v in ds.collate(examples, pad_id).items()}
-            last = index == len(micro) - 1
-            with dd.grad_sync(model, last), autocast():
-                loss, _ = model(**batch)
-                # DDP and FSDP average gradients over processes: scale by the world size so
-                # the result is the mean over every scored token of the global batch.
-                scaled = loss * d.world_size / max(global_scored, 1.0)
-            scaler.scale(scaled).backward()
-            loss_sum += float(loss.detach())
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, s.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        (total_loss,) = dd.all_sum(d, [loss_sum])
-        train_loss = total_loss / max(global_scored, 1.0)
-        run.train_seconds += time.perf_counter() - t0
-        run.train_cpu_seconds += time.process_time() - c0
-        run.tokens += int(global_tokens)
-        run.scored += int(global_scored)
-        run.examples += int(n_examples)
-        run.sequence_tokens += int(square_tokens)
-        done = step + 1
-        record(done, "train", train_loss)
-        if done % s.log_every == 0 or done == total_steps or done == first_step + 1:
-            log(
-                f"step {done}/{total_steps}: loss {train_loss:.4f}, lr "
-                f"{scheduler.get_last_lr()[0]:.2e}, grad norm {float(grad_norm):.3f}, "
-                f"{run.tokens / max(run.train_seconds, 1e-9):.0f} tokens/s",
-                d,
-            )
-        if done % s.eval_every == 0 or done == total_steps:
-            heldout_loss = evaluate_loss(model, heldout, s, pad_id, d, autocast)
-            record(done, "heldout", heldout_loss)
-            log(f"step {done}: held-out loss {heldout_loss:.4f}", d)
-        if done % s.save_every == 0 and done < total_steps:
-            ckpt.save(
-                spec["checkpoints"],
-                done,
-                {"fingerprint": fp, "run": run.state(), "total_steps": total_steps},
-                model,
-                optimizer,
-                {
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                },
-                d,
-                s.keep_checkpoints,
-            )
-            log(f"step {done}: checkpoint saved", d)
-
-    weights = ckpt.trainable_state(model, d)  # collective under FSDP
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
-    peak_rss_max, peak_gpu_max = dd.all_max(d, [peak_rss_mb, peak_gpu_mb])
-    (peak_rss_sum,) = dd.all_sum(d, [peak_rss_mb])
-    metrics = None
-    if d.is_main:
-        save_adapter(peft_model, weights, spec["adapter"], tokenizer, own_template)
-        write_loss_csv(spec["loss_csv"], run.history)
+    state = _adapter_state(trainer, strategy)  # collective under FSDP
+    peaks = torch.tensor(
+        [
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0,
+        ],
+        dtype=torch.float64,
+        device=trainer.args.device,
+    )
+    rss_sum = peaks[0].clone()
+    if world > 1:
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(rss_sum)
+    metrics: dict[str, Any] = {}
+    if trainer.is_world_process_zero():
+        history = trainer.state.log_history
+        save_adapter(peft_model, state, spec["adapter"], tokenizer, own_template)
+        write_loss_csv(spec["loss_csv"], loss_rows(history, steps_per_epoch))
         facts = {
             "model": spec.get("model_id"),
             "base": spec["base_hf"],
@@ -441,77 +554,103 @@ def _train(spec: dict, s: Settings, device: str, precision: str, d: dd.Dist) -> 
             "settings": s.as_dict(),
             "device": device,
             "precision": precision,
-            "processes": d.world_size,
-            "strategy": s.strategy if d.enabled else "single",
+            "processes": world,
+            "strategy": strategy,
+            "trainer": "transformers.Trainer + peft",
             "steps": total_steps,
             "resumed_from_step": first_step or None,
             "examples_dropped": {"train": dropped, "heldout": dropped_heldout},
-            "peak_rss_mb": round(peak_rss_max, 1),
-            "peak_rss_mb_all_processes": round(peak_rss_sum, 1),
-            "peak_gpu_mem_mb": round(peak_gpu_max, 1) if device == "cuda" else None,
+            "peak_rss_mb": round(float(peaks[0]), 1),
+            "peak_rss_mb_all_processes": round(float(rss_sum), 1),
+            "peak_gpu_mem_mb": round(float(peaks[1]), 1) if device == "cuda" else None,
             "wall_seconds": round(time.perf_counter() - start_wall, 3),
         }
-        metrics = build_metrics(facts, spec["base_hf"], s, run, n_lora)
+        metrics = build_metrics(facts, spec["base_hf"], s, history, n_lora)
         atomic.write_json(spec["metrics"], metrics)
         log(
-            f"done: {run.tokens} tokens in {run.train_seconds:.1f} s "
-            f"({metrics['tokens_per_s']:.0f} tokens/s), peak RSS {peak_rss_max:.0f} MiB",
-            d,
+            f"done: {metrics['tokens']} tokens in {metrics['train_seconds']:.1f} s "
+            f"({metrics['tokens_per_s']:.0f} tokens/s), peak RSS {facts['peak_rss_mb']:.0f} MiB"
         )
-    dd.barrier(d)
-    return metrics or {}
+    trainer.accelerator.wait_for_everyone()
+    return metrics
 
 
-def save_adapter(peft_model, weights: dict, out_dir: str, tokenizer, own_template: bool) -> None:
+def _adapter_state(trainer, strategy: str) -> dict | None:
+    """The full state dict under FSDP (gathered on every rank); None otherwise (PEFT reads
+    the adapter from the model itself)."""
+    if "fsdp" not in strategy:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def save_adapter(peft_model, state: dict | None, out_dir: str, tokenizer, own_template) -> None:
     """The adapter in PEFT's format (``PeftModel.from_pretrained`` loads it), atomically."""
-    prefix = "peft."
-    state = {k.removeprefix(prefix): v for k, v in weights.items()}
     with atomic.atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if not own_template:  # the merged model and the GGUF get the template trained with
             tokenizer.save_pretrained(tmp)
 
 
-def write_loss_csv(path: str, history: list[dict]) -> None:
+def loss_rows(history: list[dict], steps_per_epoch: int) -> list[dict]:
+    """The loss curve from Trainer's log history: one train row per step, held-out rows."""
+    rows = []
+    for h in history:
+        for key, split in (("loss", "train"), ("eval_loss", "heldout")):
+            if key in h:
+                rows.append(
+                    {
+                        "step": h["step"],
+                        "epoch": round(h["step"] / steps_per_epoch, 4),
+                        "split": split,
+                        "loss": round(h[key], 6),
+                        "tokens": h.get("tokens", 0),
+                        "seconds": h.get("train_seconds", 0.0),
+                    }
+                )
+    return rows
+
+
+def write_loss_csv(path: str, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=LOSS_FIELDS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(history)
+    writer.writerows(rows)
     atomic.write_text(path, buf.getvalue())
 
 
-def build_metrics(facts: dict, base_hf: str, s: Settings, run: Run, n_lora: int) -> dict:
+def build_metrics(facts: dict, base_hf: str, s: Settings, history: list[dict], n_lora: int):
     """The run's figures: throughput, memory (in ``facts``), FLOPs, losses, provenance."""
     from llmpipe.estimate import ModelShape
     from llmpipe.finetune import flops
 
+    last = [h for h in history if "train_seconds" in h][-1]
+    tokens, scored = int(last["tokens"]), int(last["scored_tokens"])
+    seconds, cpu_seconds = last["train_seconds"], last.get("train_cpu_seconds", 0.0)
     shape = ModelShape.from_config(Path(base_hf) / "config.json")
     counts = flops.FlopCounts.of(shape, n_lora)
-    mean_seq = run.sequence_tokens / max(run.tokens, 1)  # token-weighted sequence length
-    lora = flops.lora_flops(counts, run.tokens, run.scored, mean_seq, s.gradient_checkpointing)
-    full = flops.full_flops(counts, run.tokens, mean_seq)
-    heldout = [h for h in run.history if h["split"] == "heldout"]
-    train_losses = [h for h in run.history if h["split"] == "train"]
+    mean_seq = last["square_tokens"] / max(tokens, 1)  # token-weighted sequence length
+    lora = flops.lora_flops(counts, tokens, scored, mean_seq, s.gradient_checkpointing)
+    full = flops.full_flops(counts, tokens, mean_seq)
+    heldout = [h["eval_loss"] for h in history if "eval_loss" in h]
+    train_losses = [h["loss"] for h in history if "loss" in h]
     return {
         **facts,
-        "examples_seen": run.examples,
-        "tokens": run.tokens,
-        "scored_tokens": run.scored,
-        "train_seconds": round(run.train_seconds, 3),
-        "tokens_per_s": round(run.tokens / max(run.train_seconds, 1e-9), 2),
+        "examples_seen": facts["steps"] * s.batch_size * s.grad_accum * facts["processes"],
+        "tokens": tokens,
+        "scored_tokens": scored,
+        "train_seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / max(seconds, 1e-9), 2),
         # CPU time of process 0 only (a shared machine's load barely changes it):
-        "train_cpu_seconds": round(run.train_cpu_seconds, 3),
-        "tokens_per_cpu_s": round(
-            run.tokens / facts["processes"] / max(run.train_cpu_seconds, 1e-9), 2
-        ),
+        "train_cpu_seconds": round(cpu_seconds, 3),
+        "tokens_per_cpu_s": round(tokens / facts["processes"] / max(cpu_seconds, 1e-9), 2),
         "trainable_params": n_lora,
         "base_params": shape.n_params,
         "flops": {
             "total": lora,
-            "per_token": lora / max(run.tokens, 1),
+            "per_token": lora / max(tokens, 1),
             "full_finetune_equivalent": full,
             "lora_over_full": round(lora / full, 4) if full else None,
-            "achieved_per_s": lora / max(run.train_seconds, 1e-9),
+            "achieved_per_s": lora / max(seconds, 1e-9),
             "formula": "llmpipe.finetune.flops (LoRA: 4 N_body + 6 N_lora per token, "
             "4 N_head per scored token, + attention; full: 6 N per token)",
             "n_body": counts.body,
@@ -520,10 +659,10 @@ def build_metrics(facts: dict, base_hf: str, s: Settings, run: Run, n_lora: int)
             "mean_sequence_tokens": round(mean_seq, 2),
         },
         "loss": {
-            "heldout_first": heldout[0]["loss"] if heldout else None,
-            "heldout_last": heldout[-1]["loss"] if heldout else None,
-            "train_first": train_losses[0]["loss"] if train_losses else None,
-            "train_last": train_losses[-1]["loss"] if train_losses else None,
+            "heldout_first": heldout[0] if heldout else None,
+            "heldout_last": heldout[-1] if heldout else None,
+            "train_first": train_losses[0] if train_losses else None,
+            "train_last": train_losses[-1] if train_losses else None,
         },
         "provenance": provenance.collect(seed=s.seed),
     }
