@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe import atomic, manifest
-from llmpipe.errors import PipelineError
+from llmpipe.errors import ConfigError, PipelineError
 from llmpipe.finetune import launch
 from llmpipe.finetune.settings import from_dict
 
@@ -32,6 +32,13 @@ def fail_fast(settings: dict[str, Any]) -> str:
     device = train.choose_device(s.device, s.method)
     if s.method == "qlora":
         train.check_bitsandbytes()
+    if s.strategy == "fsdp" and s.total_processes > 1 and device == "cpu":
+        # measured: Trainer (accelerate 1.x, transformers 5.24) given fsdp on gloo runs plain
+        # DDP and says so only in trainer.is_fsdp_enabled; refuse rather than mislabel the run
+        raise ConfigError(
+            "finetune.strategy: 'fsdp' needs CUDA devices (transformers' Trainer does not "
+            "shard over gloo on the CPU and would run plain DDP); use strategy: ddp on the CPU"
+        )
     return device
 
 
