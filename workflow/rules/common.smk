@@ -51,6 +51,13 @@ GGUF_NOTES = {
     for m, s in GGUF_SUPPORT.items()
     if s.reason
 }
+# summary.md keeps the lasting ones (not converted, or forced), not "not downloaded yet"
+GGUF_SUMMARY_NOTES = {
+    m: note
+    for m, note in GGUF_NOTES.items()
+    if not GGUF_SUPPORT[m].supported
+    or config["models"][TUNED_BASES.get(m, m)].get("force_gguf")
+}
 if workflow.is_main_process:
     for _model, _note in GGUF_NOTES.items():
         print(f"{_model}: GGUF steps {_note}", file=sys.stderr)
