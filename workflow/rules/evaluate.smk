@@ -61,16 +61,13 @@ rule evaluate_shard:
         *get_modules("llama_cpp"),
     threads: EVAL["threads"]
     resources:
-        mem_mb=get_eval_mem_mb("shard"),
-        runtime=get_eval_runtime("shard"),
-        gres=get_gres(get_eval_gpus("shard")),
-        slurm_partition=get_partition(get_eval_gpus("shard")),
+        **job_resources(eval_estimate("shard")),
     params:
         sampling=EVAL["sampling"],
         settings=get_eval_settings,
         stage=config["stage"],
         bandwidth=get_eval_bandwidth,
-        estimate=get_eval_estimate_param("shard"),
+        estimate=eval_estimate("shard"),
     script:
         "../scripts/evaluate_shard.py"
 
@@ -92,17 +89,14 @@ rule evaluate_reference:
         *get_modules("llama_cpp"),
     threads: EVAL["threads"]
     resources:
-        mem_mb=get_eval_mem_mb("reference"),
-        runtime=get_eval_runtime("reference"),
-        gres=get_gres(get_eval_gpus("reference")),
-        slurm_partition=get_partition(get_eval_gpus("reference")),
+        **job_resources(eval_estimate("reference")),
     params:
-        variant=lambda wildcards: get_eval_reference(wildcards.backend),
+        variant=get_eval_reference,
         n_ctx=EVAL["perplexity"]["n_ctx"],
         chunks=EVAL["perplexity"]["chunks"],
         settings=get_eval_settings,
         stage=config["stage"],
-        estimate=get_eval_estimate_param("reference"),
+        estimate=eval_estimate("reference"),
     script:
         "../scripts/evaluate_reference.py"
 
@@ -124,14 +118,11 @@ rule evaluate_quality:
         *get_modules("llama_cpp"),
     threads: EVAL["threads"]
     resources:
-        mem_mb=get_eval_mem_mb("quality"),
-        runtime=get_eval_runtime("quality"),
-        gres=get_gres(get_eval_gpus("quality")),
-        slurm_partition=get_partition(get_eval_gpus("quality")),
+        **job_resources(eval_estimate("quality")),
     params:
         settings=get_eval_settings,
         stage=config["stage"],
-        estimate=get_eval_estimate_param("quality"),
+        estimate=eval_estimate("quality"),
     script:
         "../scripts/evaluate_quality.py"
 
@@ -172,11 +163,8 @@ rule evaluate_sweep:
         *get_modules("llama_cpp"),
     threads: max(EVAL["sweep"]["threads"])
     resources:
+        **gpu_resources(int(any(n != 0 for n in EVAL["sweep"]["n_gpu_layers"]))),
         runtime=60,
-        gres=get_gres(int(any(n != 0 for n in EVAL["sweep"]["n_gpu_layers"]))),
-        slurm_partition=get_partition(
-            int(any(n != 0 for n in EVAL["sweep"]["n_gpu_layers"]))
-        ),
     params:
         settings=EVAL["llama_cpp"],
         threads=EVAL["sweep"]["threads"],

@@ -16,8 +16,7 @@ rule download:
     envmodules:
         *get_modules("transformers"),
     resources:
-        mem_mb=get_mem_mb("download"),
-        runtime=get_runtime("download"),
+        **job_resources(estimate("download"), gpus=None),
     params:
         spec=get_model_spec,
         hub=config["hub"],
@@ -43,8 +42,7 @@ rule cache_to_shm:
     envmodules:
         *get_modules("transformers"),
     resources:
-        mem_mb=get_mem_mb("cache_to_shm"),
-        runtime=get_runtime("cache_to_shm"),
+        **job_resources(estimate("cache_to_shm"), gpus=None),
     params:
         root=config["stage"]["root"],
         verify=config["stage"]["verify"],

@@ -53,10 +53,11 @@ rule finetune:
         *get_modules("transformers"),
     threads: 8
     resources:
-        mem_mb=get_finetune_mem_mb,
-        runtime=get_finetune_runtime,
-        gres=get_gres(get_finetune_gpus),
-        slurm_partition=get_partition(get_finetune_gpus),
+        **job_resources(
+            finetune_estimate,
+            gpus=get_finetune_gpus,
+            processes=get_finetune_gpus_per_node,
+        ),
         nodes=get_finetune_nodes,
         # One torchrun per node; with several nodes the script calls srun itself.
         tasks=get_finetune_nodes,
@@ -88,8 +89,7 @@ rule merge_lora:
         *get_modules("transformers"),
     threads: 2
     resources:
-        mem_mb=get_mem_mb("merge_lora", dtype=get_merge_dtype),
-        runtime=get_runtime("merge_lora", dtype=get_merge_dtype),
+        **job_resources(estimate("merge_lora", dtype=get_merge_dtype), gpus=None),
     params:
         merge=get_finetune_params("merge"),
     script:
@@ -147,12 +147,9 @@ rule compare_finetune:
         *get_modules("transformers"),
     threads: 2
     resources:
-        mem_mb=get_compare_mem_mb,
-        runtime=get_compare_runtime,
-        gres=get_gres(get_compare_gpus),
-        slurm_partition=get_partition(get_compare_gpus),
+        **job_resources(compare_estimate, gpus=get_compare_gpus),
     params:
         settings=get_finetune_params("compare"),
-        estimate=get_compare_estimate,
+        estimate=compare_estimate,
     script:
         "../scripts/compare_finetune.py"

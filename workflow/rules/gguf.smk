@@ -20,8 +20,10 @@ rule convert_to_gguf:
         *get_modules("transformers"),
     threads: 2
     resources:
-        mem_mb=get_mem_mb("convert_to_gguf", outtype=config["convert"]["outtype"]),
-        runtime=get_runtime("convert_to_gguf", outtype=config["convert"]["outtype"]),
+        **job_resources(
+            estimate("convert_to_gguf", outtype=config["convert"]["outtype"]),
+            gpus=None,
+        ),
     params:
         outtype=config["convert"]["outtype"],
         root=config["stage"]["root"],
@@ -47,17 +49,14 @@ rule imatrix:
         *get_modules("llama_cpp"),
     threads: EVAL["threads"]
     resources:
-        mem_mb=get_mem_mb("imatrix", **IMATRIX_ESTIMATE),
-        runtime=get_runtime("imatrix", **IMATRIX_ESTIMATE),
-        gres=get_gres(get_imatrix_gpus),
-        slurm_partition=get_partition(get_imatrix_gpus),
+        **job_resources(estimate("imatrix", **PLAN.imatrix_estimate())),
     params:
         n_ctx=IMATRIX["n_ctx"],
         chunks=IMATRIX["chunks"],
         eval_n_ctx=EVAL["perplexity"]["n_ctx"],
         eval_chunks=EVAL["perplexity"]["chunks"],
         n_gpu_layers=EVAL["llama_cpp"]["n_gpu_layers"],
-        estimate=["imatrix", IMATRIX_ESTIMATE],
+        estimate=estimate("imatrix", **PLAN.imatrix_estimate()),
     script:
         "../scripts/imatrix.py"
 
@@ -78,8 +77,9 @@ rule quantize:
         *get_modules("llama_cpp"),
     threads: 2
     resources:
-        mem_mb=get_mem_mb("quantize", quant=get_quant, source=REFERENCE),
-        runtime=get_runtime("quantize", quant=get_quant, source=REFERENCE),
+        **job_resources(
+            estimate("quantize", quant=get_quant, source=REFERENCE), gpus=None
+        ),
     params:
         quant=get_quant_type,
     script:

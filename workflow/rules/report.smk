@@ -45,6 +45,6 @@ rule aggregate_stats:
     params:
         losses=get_stats_loss_map,
         eval_estimates=get_stats_eval_estimates,
-        gguf_notes=GGUF_SUMMARY_NOTES,
+        gguf_notes=PLAN.gguf_summary_notes(),
     script:
         "../scripts/aggregate_stats.py"

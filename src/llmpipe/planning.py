@@ -1,0 +1,354 @@
+"""What the workflow derives from its config, computed once per run: models, variants, the
+files `rule all` and `aggregate_stats` ask for, and each job's estimator step and options.
+
+``workflow/rules/common.smk`` builds one ``RunPlan`` and keeps only wildcard -> path functions
+and one resource factory around it, so everything here is plain Python that unit tests reach
+without Snakemake. Standard library only (plus the package's own planning modules): the
+Snakefile imports it on every run and inside every job.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from llmpipe import architectures as arch
+from llmpipe import config as cfg
+from llmpipe import resources as res
+from llmpipe.finetune import settings as ft
+
+# The evaluation backends (the {backend} wildcard) and their config sections.
+BACKEND_SECTIONS = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
+# The estimator step an evaluation job plans with, per backend.
+BACKEND_STEPS = {"llama.cpp": "evaluate_llama_cpp", "transformers": "evaluate_transformers"}
+# Evaluation job kinds: generation shards, the reference's perplexity, a variant's quality.
+EVAL_KINDS = ("shard", "reference", "quality")
+# Bytes per token when a text's token count is bounded from its size before tokenization.
+BYTES_PER_TOKEN = 4
+
+
+class RunPlan:
+    """The run's plan, from a config that ``llmpipe.config.validate`` has already checked.
+
+    ``root`` is the working directory the relative paths (``results/...``) are resolved in
+    when a file's size or a model's config.json is read.
+    """
+
+    def __init__(self, config: Mapping[str, Any], root: str | os.PathLike = "."):
+        self.config = config
+        self.root = os.fspath(root)
+        self.base_models = cfg.model_ids(config)
+        self.tuned_models = ft.tuned_models(config)
+        self.models = self.base_models + self.tuned_models
+        self.reference = cfg.reference_variant(config)
+        # the plain types, then the <TYPE>-imat ones (quantize.imatrix.types)
+        self.quants = cfg.quant_variants(config)
+        self.finetune_bases = ft.base_models(config)
+        self.tuned_bases = {ft.tuned_id(base): base for base in self.finetune_bases}
+        # which models the pinned llama.cpp can take (from each config.json): the others keep
+        # every step that needs no GGUF; their GGUF steps are not scheduled
+        self.gguf_support = arch.plan(
+            config["models"], self.tuned_bases, hub_cache_dir=config["hub"]["cache_dir"]
+        )
+        self.gguf_models = [m for m in self.models if self.gguf_support[m].supported]
+        self.eval = config["evaluate"]
+        self.backends = list(self.eval["backends"])
+        self.prompts = cfg.read_prompts(config["prompts"])
+        self.prompt_tokens = cfg.prompt_tokens_bound(self.prompts)
+        self.imatrix = config["quantize"]["imatrix"]
+
+    # ---- GGUF -----------------------------------------------------------------------------
+    def gguf_notes(self) -> dict[str, str]:
+        """{model: why its GGUF steps are planned as they are}, for the models that have one."""
+        notes = {}
+        for model, support in self.gguf_support.items():
+            if not support.reason:
+                continue
+            base = self.tuned_bases.get(model, model)
+            notes[model] = (
+                support.reason
+                if support.supported
+                else f"not converted: {support.reason} (force with models.{base}.force_gguf: true)"
+            )
+        return notes
+
+    def gguf_summary_notes(self) -> dict[str, str]:
+        """The lasting notes (not converted, or forced) for summary.md, not "not downloaded yet"."""
+        return {
+            model: note
+            for model, note in self.gguf_notes().items()
+            if not self.gguf_support[model].supported
+            or self.config["models"][self.tuned_bases.get(model, model)].get("force_gguf")
+        }
+
+    def gguf_variants(self, model: str) -> list[str]:
+        """The GGUF variants of a model: the reference and every quantization, or none."""
+        if not self.gguf_support[model].supported:
+            return []
+        return [self.reference, *cfg.quant_variants(self.config, model)]
+
+    def gguf(self, model: str, variant: str) -> str:
+        return f"results/gguf/{model}/{model}-{variant}.gguf"
+
+    def gguf_record(self, model: str, variant: str) -> str:
+        return f"results/gguf/{model}/{model}-{variant}.json"
+
+    # ---- Evaluation -----------------------------------------------------------------------
+    def all_eval_variants(self) -> set[str]:
+        return {self.reference, *self.quants, "hf"}
+
+    def eval_variants(self, model: str, backend: str) -> list[str]:
+        """The variants of ``model`` that ``backend`` evaluates; its first is the backend's
+        quality reference (the reference GGUF; the HF folder)."""
+        if backend == "llama.cpp":
+            return self.gguf_variants(model)
+        return ["hf"]
+
+    def eval_reference(self, backend: str) -> str:
+        return self.reference if backend == "llama.cpp" else "hf"
+
+    def eval_json(self, model: str, variant: str, backend: str) -> str:
+        return f"results/eval/{model}/{variant}-{backend}.json"
+
+    def eval_jsons(self) -> list[tuple[str, str, str]]:
+        """(model, variant, backend) of every evaluation the run makes."""
+        return [
+            (model, variant, backend)
+            for model in self.models
+            for backend in self.backends
+            for variant in self.eval_variants(model, backend)
+        ]
+
+    def runs_sweep(self, model: str) -> bool:
+        return (
+            self.eval["sweep"]["enabled"]
+            and "llama.cpp" in self.backends
+            and model in self.gguf_models
+        )
+
+    def eval_outputs(self) -> list[str]:
+        """The eval JSONs and texts of every model x backend x variant (+ the sweep tables)."""
+        outputs = []
+        for model in self.models:
+            for backend in self.backends:
+                for variant in self.eval_variants(model, backend):
+                    stem = f"results/eval/{model}/{variant}-{backend}"
+                    outputs += [f"{stem}.json", f"{stem}.texts.jsonl"]
+            if self.runs_sweep(model):
+                outputs.append(f"results/eval/{model}/sweep-llama.cpp.tsv")
+        return outputs
+
+    def eval_quality(self, model: str, variant: str, backend: str) -> str:
+        """The reference's quality is its own perplexity (KLD 0); others are compared with it."""
+        if variant == self.eval_reference(backend):
+            return f"results/eval/{model}/reference-{backend}.json"
+        return f"results/eval/{model}/quality/{variant}-{backend}.json"
+
+    def eval_settings(self, backend: str) -> Mapping[str, Any]:
+        return self.eval[BACKEND_SECTIONS[backend]]
+
+    def eval_on_gpu(self, backend: str) -> bool:
+        if backend == "llama.cpp":
+            return self.eval["llama_cpp"]["n_gpu_layers"] != 0
+        return self.eval["transformers"]["device"] == "cuda"
+
+    def _text_bytes(self, path: str) -> int:
+        try:
+            return os.path.getsize(os.path.join(self.root, path))
+        except OSError:
+            return 0
+
+    @functools.cached_property
+    def eval_chunks(self) -> int:
+        """Perplexity chunks, bounded from the text's size before it is tokenized."""
+        n_ctx, chunks = self.eval["perplexity"]["n_ctx"], self.eval["perplexity"]["chunks"]
+        approx = max(1, self._text_bytes(self.eval["text"]) // BYTES_PER_TOKEN // n_ctx)
+        return min(chunks, approx) if chunks else approx
+
+    def eval_estimate(self, backend: str, variant: str | None, kind: str) -> tuple[str, dict]:
+        """Estimator step and options of an evaluation job (``kind`` in ``EVAL_KINDS``).
+
+        Generation shards: the longest prompt's tokens and max_new_tokens; perplexity jobs: one
+        chunk of perplexity.n_ctx tokens, logits for each.
+        """
+        if kind not in EVAL_KINDS:
+            raise ValueError(f"evaluation kind {kind!r}: expected one of {EVAL_KINDS}")
+        gpu = self.eval_on_gpu(backend)
+        ppl = kind != "shard"
+        chunk = self.eval["perplexity"]["n_ctx"]
+        shards = self.config["farm"]["shards"]
+        opts: dict[str, Any] = {
+            "hw": "v100" if gpu else "cpu",
+            "staged": True,
+            "samples": self.eval_chunks if ppl else -(-len(self.prompts) // shards),
+            "new_tokens": 1 if ppl else self.eval["sampling"]["max_new_tokens"],
+            "seq_len": chunk - 1 if ppl else self.prompt_tokens,
+        }
+        if backend == "llama.cpp":
+            llama = self.eval["llama_cpp"]
+            opts.update(
+                quant=variant or self.eval_reference(backend),
+                kv_type=llama["kv_type"],
+                n_ctx=chunk if ppl else llama["n_ctx"],
+                flash_attn=llama["flash_attn"],
+                # logits kept per pass: the scored second half of a chunk (llama-perplexity's)
+                outputs=chunk - 1 - chunk // 2 if ppl else 1,
+                kld_chunks=self.eval_chunks if kind == "quality" else 0,
+            )
+        else:
+            dtype = self.eval["transformers"]["dtype"]
+            if dtype == "auto":
+                dtype = "float16" if gpu else "float32"
+            opts.update(
+                dtype=dtype,
+                batch=1 if ppl else self.eval["transformers"]["batch_size"],
+                full_logits=ppl,
+            )
+        return BACKEND_STEPS[backend], opts
+
+    # ---- Importance matrix ----------------------------------------------------------------
+    def imatrix_on_gpu(self) -> bool:
+        return self.eval["llama_cpp"]["n_gpu_layers"] != 0
+
+    @functools.cached_property
+    def imatrix_chunks(self) -> int:
+        """Chunks llama-imatrix will read, at most quantize.imatrix.chunks (bounded from the
+        text's size; the default text is what follows the evaluation's perplexity chunks)."""
+        if self.imatrix["text"] is None:
+            used = self.eval_chunks * self.eval["perplexity"]["n_ctx"] * BYTES_PER_TOKEN
+            size = self._text_bytes(self.eval["text"]) - used
+        else:
+            size = self._text_bytes(self.imatrix["text"])
+        return max(1, min(self.imatrix["chunks"], size // BYTES_PER_TOKEN // self.imatrix["n_ctx"]))
+
+    def imatrix_estimate(self) -> dict[str, Any]:
+        return {
+            "source": self.reference,
+            "hw": "v100" if self.imatrix_on_gpu() else "cpu",
+            "n_ctx": self.imatrix["n_ctx"],
+            "chunks": self.imatrix_chunks,
+        }
+
+    def quantize_inputs(self, model: str, quant: str) -> dict[str, str]:
+        """The reference GGUF, and for a -imat variant the model's importance matrix."""
+        inputs = {"gguf": self.gguf(model, self.reference)}
+        if cfg.split_variant(quant)[1]:
+            inputs["imatrix"] = f"results/gguf/{model}/{model}.imatrix"
+        return inputs
+
+    def imatrix_inputs(self, model: str) -> dict[str, str]:
+        """The reference GGUF, the evaluation text (its chunks are cut off or checked against)
+        and the user's calibration text when there is one."""
+        inputs = {"gguf": self.gguf(model, self.reference), "eval_text": self.eval["text"]}
+        if self.imatrix["text"] is not None:
+            inputs["text"] = self.imatrix["text"]
+        return inputs
+
+    # ---- Fine-tuning ----------------------------------------------------------------------
+    def finetune_settings(self, model: str) -> ft.Settings:
+        return ft.resolve(self.config, model)
+
+    def finetune_outputs(self) -> list[str]:
+        """Adapter, loss curve, metrics, base-vs-tuned table (+ GGUF adapter) per tuned model."""
+        outputs = []
+        for model in self.finetune_bases:
+            stem = f"results/finetune/{model}"
+            outputs += [
+                f"{stem}/adapter",
+                f"{stem}/loss.csv",
+                f"{stem}/loss.png",
+                f"{stem}/metrics.json",
+                f"{stem}/comparison.csv",
+                f"{stem}/comparison.md",
+                f"{stem}/comparison.json",
+            ]
+            if self.finetune_settings(model).adapter_gguf and model in self.gguf_models:
+                outputs.append(f"{stem}/adapter-F16.gguf")
+        return outputs
+
+    def compare_estimate(self, model: str) -> tuple[str, dict]:
+        """compare_finetune plans as a transformers evaluation of the held-out set."""
+        heldout = f"results/finetune/{model}/data/heldout.jsonl"
+        options = ft.compare_estimate_options(self.finetune_settings(model), heldout)
+        return "evaluate_transformers", options
+
+    # ---- Statistics -----------------------------------------------------------------------
+    def stats_records(self) -> list[str]:
+        """The records of the jobs that measured their resources, for every model and every
+        evaluated variant: each path once."""
+        records = []
+        for model in self.models:
+            records.append(f"results/models/{model}/manifest.json")
+            records.append(f"results/staged/{model}/stage.json")
+            variants = self.gguf_variants(model)
+            records += [self.gguf_record(model, v) for v in variants]
+            if any(cfg.split_variant(v)[1] for v in variants):
+                records.append(f"results/gguf/{model}/{model}.imatrix.json")
+        for model, variant, backend in self.eval_jsons():
+            if backend == "llama.cpp":
+                records.append(self.gguf_record(model, variant))
+            # the perplexity jobs' records (the generation shards' are in the eval JSONs)
+            records.append(f"results/eval/{model}/reference-{backend}.json")
+            if variant != self.eval_reference(backend):
+                records.append(f"results/eval/{model}/quality/{variant}-{backend}.json")
+        # the finetune jobs' metrics carry their resources too
+        records += [
+            p
+            for p in self.finetune_outputs()
+            if os.path.basename(p) in ("metrics.json", "comparison.json")
+        ]
+        return list(dict.fromkeys(records))
+
+    def loss_curves(self) -> dict[str, str]:
+        """{model: loss.csv} of every fine-tuned model."""
+        return {model: f"results/finetune/{model}/loss.csv" for model in self.finetune_bases}
+
+    def final_outputs(self) -> list[str]:
+        """Everything `rule all` asks for."""
+        outputs = []
+        for model in self.models:
+            outputs.append(f"results/staged/{model}/stage.json")
+            for variant in self.gguf_variants(model):
+                outputs += [self.gguf(model, variant), self.gguf_record(model, variant)]
+        outputs += self.eval_outputs()
+        outputs += self.finetune_outputs()
+        outputs += STATS_OUTPUTS
+        return outputs
+
+    # ---- Resources ------------------------------------------------------------------------
+    def request(
+        self, model: str, step: str, options: Mapping[str, Any], threads: int, attempt: int
+    ) -> res.Plan:
+        """The estimator's prediction and request for one job of ``step`` (a rule name in
+        ``llmpipe.resources.STEPS``) on ``model``; planning stops when a GPU step does not
+        fit. The shape comes from the model's downloaded config.json (a ``dir`` model's own
+        before its download); until one exists, the conservative fallback."""
+        opts = dict(options)
+        if step == "download":
+            spec = self.config["models"][model]
+            opts = {**res.download_options(spec), **opts}
+            config_json = res.download_config(spec, model, self.root)
+        else:
+            config_json = res.model_config(model, self.models, self.root)
+        opts.setdefault("threads", threads)
+        return res.checked_request(model, step, config_json, attempt, **opts)
+
+    def modules(self, kind: str) -> list[str]:
+        """Environment modules of a rule: the Python stack, plus llama.cpp's for its tools."""
+        modules = list(self.config["envmodules"]["transformers"])
+        if kind == "llama_cpp":
+            modules += self.config["envmodules"]["llama_cpp"]
+        return modules
+
+    def gres(self, gpus: int) -> str:
+        """--gres for a GPU count: gpu:<slurm.gpu_type>:<N>, or "" (no gres) for none."""
+        return f"gpu:{self.config['slurm']['gpu_type']}:{gpus}" if gpus else ""
+
+    def partition(self, gpus: int) -> str:
+        """The GPU partition when a job needs GPUs; else "" (the site's default partition)."""
+        return self.config["slurm"]["gpu_partition"] if gpus else ""
+
+
+STATS_OUTPUTS = ["results/stats/summary.csv", "results/stats/summary.md"]
