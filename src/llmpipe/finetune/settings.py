@@ -27,8 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmpipe.constants import tokens_bound
 from llmpipe.errors import ConfigError
-from llmpipe.estimate import tokens_bound
 
 SUFFIX = "-ft"
 
