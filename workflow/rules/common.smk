@@ -18,12 +18,14 @@ from llmpipe import architectures as arch  # noqa: E402
 from llmpipe import config as cfg  # noqa: E402
 from llmpipe import imatrix as imat  # noqa: E402
 from llmpipe import resources as res  # noqa: E402
+from llmpipe.estimate.hardware import bandwidth_table  # noqa: E402
 from llmpipe.finetune import settings as ft  # noqa: E402
 from snakemake.common import overwrite_function_params  # noqa: E402
 
 cfg.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 cfg.check(config)
 ft.check(config)
+res.use_hardware(config["hardware"], config["slurm"]["gpu_type"])
 
 # Base models are downloaded; a tuned model (<base>-ft, finetune.enabled_for) comes from the
 # finetune stage. Both kinds go through convert_to_gguf, quantize and evaluate.
@@ -111,9 +113,9 @@ def get_final_outputs():
 # evaluate_transformers, finetune, merge_lora. Options are keyword arguments of the estimator
 # function (llmpipe.estimate.download/stage/convert/imatrix/quantize/evaluate_llama_cpp/
 # evaluate_transformers/finetune/merge); a value may be a function of the wildcards;
-# hw="cpu" or "v100"; `threads` is the rule's own. E.g.
+# hw="cpu" or "gpu"; `threads` is the rule's own. E.g.
 # get_mem_mb("evaluate_llama_cpp", quant=get_variant, hw="cpu"),
-# get_mem_mb("finetune", method="lora", hw="v100", steps=100). The job's script records the
+# get_mem_mb("finetune", method="lora", hw="gpu", steps=100). The job's script records the
 # same prediction next to what it measured: llmpipe.resources.Usage.
 
 
@@ -259,7 +261,7 @@ def get_eval_bandwidth(wildcards, input):
     return {
         "probe": input.probe[0] if input.probe else None,
         "cache_dir": "results/eval/bandwidth",
-        "table": EVAL["peak_bandwidth_gb_s"],
+        "table": bandwidth_table(config["hardware"]),
         **EVAL["bandwidth_probe"],
     }
 
@@ -290,7 +292,7 @@ def get_eval_estimate(wildcards, kind):
     ppl = kind != "shard"
     chunk = EVAL["perplexity"]["n_ctx"]
     opts = {
-        "hw": "v100" if gpu else "cpu",
+        "hw": "gpu" if gpu else "cpu",
         "staged": True,
         "samples": (
             get_eval_chunks() if ppl else -(-EVAL_PROMPTS // config["farm"]["shards"])
@@ -410,7 +412,7 @@ def get_imatrix_chunks():
 
 IMATRIX_ESTIMATE = {
     "source": REFERENCE,
-    "hw": "v100" if is_imatrix_on_gpu() else "cpu",
+    "hw": "gpu" if is_imatrix_on_gpu() else "cpu",
     "n_ctx": IMATRIX["n_ctx"],
     "chunks": get_imatrix_chunks(),
 }

@@ -108,15 +108,15 @@ def cpu(
     )
 
 
-def planned_gpu(section: Mapping[str, Any]) -> Hardware:
-    """The GPU type that GPU jobs are planned for: ``hardware.gpu`` of config ``hardware``."""
-    name = section["gpu"]
+def planned_gpu(section: Mapping[str, Any], gpu_type: str) -> Hardware:
+    """The GPU type ``gpu_type`` (config ``slurm.gpu_type``) of config ``hardware.gpus``."""
     gpus = section["gpus"]
-    if name not in gpus:
+    if gpu_type not in gpus:
         raise ConfigError(
-            f"hardware.gpu: {name!r} is not a key of hardware.gpus ({', '.join(sorted(gpus))})"
+            f"slurm.gpu_type: {gpu_type!r} has no entry in hardware.gpus "
+            f"(known: {', '.join(sorted(gpus))}); add its memory, bandwidth and TFLOPS there"
         )
-    return gpu(name, gpus[name])
+    return gpu(gpu_type, gpus[gpu_type])
 
 
 def planned_cpu(section: Mapping[str, Any], cores: int) -> Hardware:
