@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
         "--device",
         choices=("gpu", "cpu"),
         default="gpu",
-        help=f"where evaluation and fine-tuning run (gpu: {V100.name}, as config hardware.gpu)",
+        help=f"where evaluation and fine-tuning run (gpu: config hardware.gpus.{V100.name})",
     )
     p.add_argument("--batch", type=int, default=1, help="evaluation batch size (default 1)")
     p.add_argument(
