@@ -241,7 +241,7 @@ def part_evaluate(folder: Path, device: str, compile: bool) -> None:
     row("evaluate: our prefill / decode time (first-token clock)", f"{prefill:.3f} s",
         f"{decode:.3f} s", f"{sum(b.steps for b in batches)} decode steps")  # fmt: skip
     plan = resources.plan(
-        "evaluate_transformers", folder / "config.json", hw="v100", dtype="f16", batch=16,
+        "evaluate_transformers", folder / "config.json", hw="gpu", dtype="f16", batch=16,
         seq_len=max(len(hb.tokenize(tokenizer, p)) for p in prompts), new_tokens=100,
         samples=len(prompts), staged=False,
     )  # fmt: skip

@@ -240,7 +240,7 @@ def test_step_that_does_not_fit():
     from llmpipe.resources import checked_request
 
     config_json = REPO / "tests" / "fixtures" / "model_configs" / "llama-2-13b.json"
-    opts = {"method": "lora", "hw": "v100", "dtype": "f16", "micro_batch": 16, "seq_len": 4096,
+    opts = {"method": "lora", "hw": "gpu", "dtype": "f16", "micro_batch": 16, "seq_len": 4096,
             "gradient_checkpointing": False}  # fmt: skip
     with pytest.raises(ResourceError) as err:
         checked_request("big", "finetune", config_json, **opts)

@@ -117,8 +117,8 @@ def test_gpu_placement_follows_the_backend_settings(default_config, tmp_path):
     default_config["evaluate"]["llama_cpp"]["n_gpu_layers"] = -1
     plan = load(default_config, tmp_path)
     assert plan.eval_on_gpu("llama.cpp") and not plan.eval_on_gpu("transformers")
-    assert plan.eval_estimate("llama.cpp", "F16", "shard")[1]["hw"] == "v100"
-    assert plan.imatrix_estimate()["hw"] == "v100"
+    assert plan.eval_estimate("llama.cpp", "F16", "shard")[1]["hw"] == "gpu"
+    assert plan.imatrix_estimate()["hw"] == "gpu"
     slurm = plan.config["slurm"]  # the schema's defaults
     assert plan.gres(2) == f"gpu:{slurm['gpu_type']}:2"
     assert plan.gres(0) == "" and plan.partition(0) == ""
@@ -144,7 +144,7 @@ def test_a_gpu_step_that_cannot_fit_stops_planning(default_config, tmp_path):
     hf = tmp_path / "results" / "models" / "llama-2-13b" / "hf"  # as downloaded
     hf.mkdir(parents=True)
     (hf / "config.json").write_text((FIXTURES / "llama-2-13b.json").read_text())
-    options = {"method": "lora", "hw": "v100", "dtype": "f16", "micro_batch": 16,
+    options = {"method": "lora", "hw": "gpu", "dtype": "f16", "micro_batch": 16,
                "seq_len": 4096, "gradient_checkpointing": False}  # fmt: skip
     with pytest.raises(ResourceError, match="^llama-2-13b: finetune does not fit: .*would fit"):
         plan.request("llama-2-13b", "finetune", options, threads=2, attempt=1)

@@ -66,9 +66,9 @@ def test_threads_only_reach_estimators_that_take_them():
 
 
 def test_gpu_steps_give_gpu_counts_and_cpu_steps_none():
-    assert res.plan("evaluate_transformers", FIXTURES / "llama-2-13b.json", hw="v100").gpus == 2
+    assert res.plan("evaluate_transformers", FIXTURES / "llama-2-13b.json", hw="gpu").gpus == 2
     assert res.plan("evaluate_llama_cpp", SMOLLM2, hw="cpu", quant="Q8_0").gpus == 0
-    assert res.plan("finetune", LLAMA7B, method="qlora", hw="v100").gpus == 1
+    assert res.plan("finetune", LLAMA7B, method="qlora", hw="gpu").gpus == 1
 
 
 def test_model_config_of_a_derived_model(tmp_path):

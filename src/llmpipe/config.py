@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from llmpipe.constants import IMATRIX_SUFFIX, tokens_bound
 from llmpipe.errors import ConfigError
 
 # llama.cpp's quantization types that need no importance matrix, as `llama-quantize --help`
@@ -25,9 +26,8 @@ QUANT_TYPES = (
 # These produce garbage (or llama.cpp refuses them) without an importance matrix: allowed only in
 # quantize.imatrix.types, whose variants are quantized with one (llmpipe.imatrix).
 IMATRIX_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
-# The variant a type quantized with the model's importance matrix is called: "Q4_K_M-imat" next to
-# the plain "Q4_K_M", so the quality table compares the two (llmpipe.estimate strips it too).
-IMATRIX_SUFFIX = "-imat"
+# IMATRIX_SUFFIX (llmpipe.constants): "Q4_K_M-imat" is Q4_K_M quantized with the model's
+# importance matrix, next to the plain "Q4_K_M", so the quality table compares the two.
 # Types an importance matrix means nothing for (no quantization, or none llama.cpp weights).
 _NO_IMATRIX = ("F16", "BF16", "F32")
 
@@ -240,7 +240,5 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def prompt_tokens_bound(prompts: list[str]) -> int:
     """Tokens of the longest prompt (+1 for BOS), bounded from its UTF-8 size, for resource
-    planning without a tokenizer (``llmpipe.estimate.tokens_bound``)."""
-    from llmpipe.estimate import tokens_bound
-
+    planning without a tokenizer (``llmpipe.constants.tokens_bound``)."""
     return tokens_bound(max(len(p.encode("utf-8")) for p in prompts)) + 1

@@ -17,6 +17,7 @@ from typing import Any
 from llmpipe import architectures as arch
 from llmpipe import config as cfg
 from llmpipe import resources as res
+from llmpipe.estimate.hardware import bandwidth_table
 from llmpipe.finetune import settings as ft
 
 # The evaluation backends (the {backend} wildcard) and their config sections.
@@ -39,6 +40,10 @@ class RunPlan:
     def __init__(self, config: Mapping[str, Any], root: str | os.PathLike = "."):
         self.config = config
         self.root = os.fspath(root)
+        # GPU jobs are planned for slurm.gpu_type of the hardware table, CPU jobs for its cpu
+        res.use_hardware(config["hardware"], config["slurm"]["gpu_type"])
+        # the roofline's peak bandwidths, matched on the device's name (same table)
+        self.bandwidth_table = bandwidth_table(config["hardware"])
         self.base_models = cfg.model_ids(config)
         self.tuned_models = ft.tuned_models(config)
         self.models = self.base_models + self.tuned_models
@@ -180,7 +185,7 @@ class RunPlan:
         chunk = self.eval["perplexity"]["n_ctx"]
         shards = self.config["farm"]["shards"]
         opts: dict[str, Any] = {
-            "hw": "v100" if gpu else "cpu",
+            "hw": "gpu" if gpu else "cpu",
             "staged": True,
             "samples": self.eval_chunks if ppl else -(-len(self.prompts) // shards),
             "new_tokens": 1 if ppl else self.eval["sampling"]["max_new_tokens"],
@@ -226,7 +231,7 @@ class RunPlan:
     def imatrix_estimate(self) -> dict[str, Any]:
         return {
             "source": self.reference,
-            "hw": "v100" if self.imatrix_on_gpu() else "cpu",
+            "hw": "gpu" if self.imatrix_on_gpu() else "cpu",
             "n_ctx": self.imatrix["n_ctx"],
             "chunks": self.imatrix_chunks,
         }

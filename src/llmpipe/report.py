@@ -189,7 +189,7 @@ def eval_prediction(
     run's own settings (prompts, tokens, context, KV type, batch, dtype, device)."""
     backend = record.get("backend", "llama.cpp")
     device = str(record.get("device") or "cpu")
-    hw = "cpu" if device == "cpu" else "v100"
+    hw = "cpu" if device == "cpu" else "gpu"
     settings = record.get("settings") or {}
     sampling = record.get("sampling") or {}
     n_prompts = _prompt_count(path, record)

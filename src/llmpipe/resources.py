@@ -36,6 +36,7 @@ from typing import Any
 
 from llmpipe import estimate as est
 from llmpipe.errors import ConfigError, ResourceError
+from llmpipe.estimate.hardware import planned_cpu, planned_gpu
 
 MIB = est.MIB
 
@@ -106,14 +107,27 @@ class Plan:
         return out
 
 
+# What "gpu" and "cpu" jobs are planned for: config ``hardware`` once ``use_hardware`` was
+# called (the planner does, after validating the config), else the estimator's defaults.
+_HARDWARE: dict[str, est.Hardware] = {}
+
+
+def use_hardware(hardware: Mapping[str, Any], gpu_type: str) -> None:
+    """Plan GPU jobs for ``gpu_type`` (config ``slurm.gpu_type``) of config ``hardware.gpus``
+    and CPU jobs with ``hardware.cpu`` and this host's cores."""
+    _HARDWARE["gpu"] = planned_gpu(hardware, gpu_type)
+    _HARDWARE["cpu"] = planned_cpu(hardware, os.cpu_count() or 2)
+    _PLANS.clear()
+
+
 def _hardware(value: object) -> est.Hardware:
     if isinstance(value, est.Hardware):
         return value
-    if value in (None, "v100", "gpu"):
-        return est.V100
+    if value in (None, "gpu"):
+        return _HARDWARE.get("gpu", est.V100)
     if value == "cpu":
-        return est.cpu(cores=os.cpu_count() or 2)
-    raise ConfigError(f"resources: device {value!r}: expected 'cpu' or 'v100'")
+        return _HARDWARE.get("cpu") or est.cpu(cores=os.cpu_count() or 2)
+    raise ConfigError(f"resources: device {value!r}: expected 'cpu' or 'gpu'")
 
 
 @functools.lru_cache(maxsize=256)
@@ -147,7 +161,7 @@ def plan(step: str, config_json: str | os.PathLike | None, **options: Any) -> Pl
     """Predict one job of ``step`` (a rule name in ``STEPS``) for the model at ``config_json``.
 
     ``options`` go to the estimator function (``quant``, ``threads``, ``outtype``, ``source``,
-    ``dtype``, ``method``, ...); ``hw`` may be ``"cpu"`` or ``"v100"``. Without a readable
+    ``dtype``, ``method``, ...); ``hw`` may be ``"cpu"`` or ``"gpu"``. Without a readable
     config.json the ``FALLBACK`` request is returned. Memoized on the arguments and the file's
     mtime: a dry run asks for every job's mem_mb, runtime and GPUs.
     """
@@ -175,8 +189,8 @@ def _plan(step: str, config_json: str | os.PathLike | None, **options: Any) -> P
     options = dict(options)
     if "threads" in options and "threads" not in _parameters(step):
         del options["threads"]
-    if "hw" in options:
-        options["hw"] = _hardware(options["hw"])
+    if "hw" in _parameters(step):  # the configured hardware unless a Hardware is given
+        options["hw"] = _hardware(options.get("hw"))
     a = options.pop("a", ASSUMPTIONS)
     if step == "convert_to_gguf":
         options.setdefault("staged", True)  # reads its own RAM-disk copy (re-staged if foreign)
@@ -201,7 +215,7 @@ def _plan(step: str, config_json: str | os.PathLike | None, **options: Any) -> P
         margin=a.mem_margin,
         notes=estimate.notes,
         fits=estimate.fits,
-        on_gpu=options.get("hw", est.V100).is_gpu,
+        on_gpu="hw" in options and options["hw"].is_gpu,
     )
 
 
@@ -369,6 +383,8 @@ class Usage:
         }
         if config_json is None:
             config_json = model_config(smk.wildcards.model)
+        # the script's process plans for the same hardware as the planner did
+        use_hardware(smk.config["hardware"], smk.config["slurm"]["gpu_type"])
         return cls(step or smk.rule, config_json, options, requested, rule=smk.rule)
 
     def __enter__(self) -> Usage:

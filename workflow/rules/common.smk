@@ -108,7 +108,7 @@ def get_eval_bandwidth(wildcards, input):
     return {
         "probe": input.probe[0] if input.probe else None,
         "cache_dir": "results/eval/bandwidth",
-        "table": EVAL["peak_bandwidth_gb_s"],
+        "table": PLAN.bandwidth_table,
         **EVAL["bandwidth_probe"],
     }
 

@@ -1,7 +1,8 @@
 """Peak memory bandwidth: the roofline that decode speed is compared with.
 
-- On a GPU the figure comes from the config table ``evaluate.peak_bandwidth_gb_s`` (device name
-  substring -> GB/s, e.g. ``V100: 900``), matched against the name the driver reports.
+- On a GPU the figure comes from the config table ``hardware.gpus`` (device name substring ->
+  GB/s, ``llmpipe.estimate.hardware.bandwidth_table``), matched against the name the driver
+  reports.
 - On a CPU it is measured: ``probe`` streams a buffer much larger than the last-level cache with
   ``threads`` threads at once (each reduces its own slice with ``numpy.max``, a vectorised kernel
   that releases the GIL and reads at memory speed) and keeps the best of several passes. The

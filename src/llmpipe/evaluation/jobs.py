@@ -121,7 +121,7 @@ def _peak_bandwidth(device: str, threads: int, bw: dict) -> tuple[float | None, 
     """GPU: the config table; CPU: the host probe (the workflow's, or this host's cached one)."""
     if device != "cpu":
         peak = bandwidth.table_bandwidth(device, bw.get("table") or {})
-        return peak, "config" if peak else "unknown GPU (add it to evaluate.peak_bandwidth_gb_s)"
+        return peak, "config" if peak else "unknown GPU (add it to hardware.gpus)"
     record = bandwidth.host_bandwidth(
         bw.get("probe"),
         bw.get("cache_dir") or "results/eval/bandwidth",

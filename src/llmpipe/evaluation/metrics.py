@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmpipe.estimate import KLD_BLOCK
+from llmpipe.constants import KLD_BLOCK, record_width
 
 LOG_FLOOR = 16.0  # llama.cpp keeps (and scores) log-probs within 16 nats of the top one
 MAGIC = b"_logits_"
@@ -113,11 +113,6 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
         logp = _log_softmax(logits[blk])
         out[blk] = -logp[np.arange(len(logp)), targets[blk]]
     return out
-
-
-def record_width(n_vocab: int) -> int:
-    """uint16 words per token in a base file: 4 (float32 scale and offset) + vocab, even."""
-    return 2 * ((n_vocab + 1) // 2) + 4
 
 
 def encode_logprobs(logits: np.ndarray) -> np.ndarray:

@@ -27,8 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmpipe.constants import tokens_bound
 from llmpipe.errors import ConfigError
-from llmpipe.estimate import tokens_bound
 
 SUFFIX = "-ft"
 
@@ -310,7 +310,7 @@ def estimate_options(
         dtype = "f32"
     return {
         "method": s.method,
-        "hw": "v100" if on_gpu else "cpu",
+        "hw": "gpu" if on_gpu else "cpu",
         "dtype": dtype,
         "quant": s.qlora_quant,
         "micro_batch": s.batch_size,
@@ -393,7 +393,7 @@ def compare_estimate_options(settings: Mapping[str, Any], heldout: str) -> dict[
     size = DataSize.of(heldout) or DataSize(s.task_heldout_examples, 256, 64)
     examples = min(size.examples, s.compare_examples or size.examples)
     return {
-        "hw": "v100" if on_gpu else "cpu",
+        "hw": "gpu" if on_gpu else "cpu",
         "dtype": "f16" if on_gpu else "f32",
         "batch": max(1, min(s.compare_batch_size, examples)),
         "seq_len": size.tokens,
