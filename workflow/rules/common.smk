@@ -426,75 +426,7 @@ def get_imatrix_gpus(wildcards, input, threads, attempt):
 
 # ---- Statistics (workflow/rules/report.smk) ------------------------------------------------
 STATS_OUTPUTS = ["results/stats/summary.csv", "results/stats/summary.md"]
-STATS_EVAL_JSON = re.compile(
-    r"results/eval/([^/]+)/(.+)-(llama\.cpp|transformers)\.json"
-)
-
-
-def get_stats_eval_jsons(wildcards):
-    """Every expected eval JSON (model x variant x backend): the evaluate stage's own list, so
-    the summary has exactly one row per expected combination."""
-    return [p for p in get_eval_outputs() if STATS_EVAL_JSON.fullmatch(p)]
-
-
-def get_stats_records(wildcards):
-    """The records of the jobs that measured their resources (download or merge_lora,
-    cache_to_shm, convert_to_gguf, imatrix, quantize, finetune, evaluate_reference,
-    evaluate_quality),
-    for every model and every evaluated variant."""
-    records = []
-    for model in MODELS:
-        records.append(f"results/models/{model}/manifest.json")
-        records.append(f"results/staged/{model}/stage.json")
-        variants = get_gguf_variants(model)
-        for variant in variants:
-            records.append(f"results/gguf/{model}/{model}-{variant}.json")
-        if any(cfg.split_variant(v)[1] for v in variants):
-            records.append(f"results/gguf/{model}/{model}.imatrix.json")
-    for path in get_stats_eval_jsons(wildcards):
-        model, variant, backend = STATS_EVAL_JSON.fullmatch(path).groups()
-        if backend == "llama.cpp":
-            records.append(f"results/gguf/{model}/{model}-{variant}.json")
-        # the perplexity jobs' records (the generation shards' are in the eval JSONs)
-        records.append(f"results/eval/{model}/reference-{backend}.json")
-        if variant != get_eval_reference(backend):
-            records.append(f"results/eval/{model}/quality/{variant}-{backend}.json")
-    finetune_outputs = globals().get("get_finetune_outputs")
-    # the finetune jobs' metrics carry their resources too
-    if finetune_outputs is not None:
-        names = [os.path.basename(p) for p in finetune_outputs()]
-        records += [
-            p
-            for p, n in zip(finetune_outputs(), names)
-            if n in ("metrics.json", "comparison.json")
-        ]
-    return list(dict.fromkeys(records))
-
-
-def get_stats_loss_csvs(wildcards):
-    """Fine-tuning loss curves, where a fine-tune stage is configured (else none)."""
-    finetune_outputs = globals().get("get_finetune_outputs")
-    if finetune_outputs is None:
-        return []
-    return [p for p in finetune_outputs() if os.path.basename(p) == "loss.csv"]
-
-
-def get_stats_loss_map(wildcards):
-    """{model: loss.csv} (results/finetune/{model}/loss.csv)."""
-    return {p.split("/")[2]: p for p in get_stats_loss_csvs(wildcards)}
-
-
-def get_stats_eval_estimates(wildcards):
-    """{eval JSON: [estimator step, options]} as the evaluation shards' resources use them, so
-    the summary's predicted memory is the prediction those jobs were given."""
-    out = {}
-    get_estimate = globals().get("get_eval_estimate")
-    for path in get_stats_eval_jsons(wildcards) if get_estimate else []:
-        model, variant, backend = STATS_EVAL_JSON.fullmatch(path).groups()
-        wc = types.SimpleNamespace(model=model, variant=variant, backend=backend)
-        step, options = get_estimate(wc, "shard")
-        out[path] = [step, options]
-    return out
+# The aggregate rule's inputs: get_stats_* in workflow/rules/report.smk.
 
 
 # ---- Fine-tuning (workflow/rules/finetune.smk) ---------------------------------------------
