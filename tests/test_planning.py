@@ -61,13 +61,28 @@ def test_default_config_plans_every_variant_of_both_backends(default_config, tmp
     assert outputs[-len(planning.STATS_OUTPUTS) :] == planning.STATS_OUTPUTS
 
 
-def test_stats_records_name_each_record_once_and_the_quality_jobs(default_config, tmp_path):
-    records = load(default_config, tmp_path).stats_records()
-    assert len(records) == len(set(records))
-    assert "results/eval/smollm2/quality/Q8_0-llama.cpp.json" in records
+def test_stats_jobs_name_each_job_once_and_only_real_quality_jobs(default_config, tmp_path):
+    plan = load(default_config, tmp_path)
+    jobs = plan.stats_jobs()
+    keys = [(j.rule, j.model, j.target) for j in jobs]
+    assert len(keys) == len(set(keys))
+    assert ("evaluate_quality", "smollm2", "Q8_0-llama.cpp") in keys
     # the references' quality is their own perplexity job, never a quality job
-    assert "results/eval/smollm2/quality/F16-llama.cpp.json" not in records
-    assert "results/eval/smollm2/reference-transformers.json" in records
+    assert ("evaluate_quality", "smollm2", "F16-llama.cpp") not in keys
+    assert ("evaluate_reference", "smollm2", "hf-transformers") in keys
+    # the tuned model's folder is the merge's; its files are named after the base model
+    assert plan.model_job("smollm2-ft") == ("merge_lora", "smollm2-ft", "", {"model": "smollm2"})
+    assert ("finetune", "smollm2-ft", "", {"model": "smollm2"}) in jobs
+    # one weights record per evaluation, in the same order
+    weights = plan.weights_jobs()
+    assert len(weights) == len(plan.eval_jsons())
+    assert weights[0] == (
+        "convert_to_gguf",
+        "smollm2",
+        "F16",
+        {"model": "smollm2", "reference": "F16"},
+    )
+    assert weights[3].rule == "download"
 
 
 def test_an_unsupported_architecture_keeps_its_steps_without_gguf(default_config, tmp_path):

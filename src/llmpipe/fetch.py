@@ -282,6 +282,7 @@ def fetch_model(
         manifest_path,
         model_id=model_id,
         origin=origin,
+        folder=hf_dir,
         files=files,
         seconds=time.perf_counter() - start,
         extra=extra,

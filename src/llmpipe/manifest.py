@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -80,23 +81,47 @@ def load(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def safetensors_weights(folder: str | os.PathLike) -> dict:
+    """Size on disk, parameter count and bits per weight of a model folder's ``*.safetensors``
+    files, counted from their headers (the figures a GGUF record has for its file); None where
+    the folder has no safetensors weights."""
+    size = n_params = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with open(path, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            counts = [math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__"]
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise IntegrityError(f"{path}: unreadable safetensors header ({err})") from err
+        size += path.stat().st_size
+        n_params += sum(counts)
+    return {
+        "size_bytes": size or None,
+        "n_params": n_params or None,
+        "bits_per_weight": round(8 * size / n_params, 4) if n_params else None,
+    }
+
+
 def write_model_record(
     path: str | os.PathLike,
     *,
     model_id: str,
     origin: dict,
+    folder: str | os.PathLike,
     files: dict,
     seconds: float,
     extra: Callable[[dict], dict] | None = None,
 ) -> dict:
     """A model folder's manifest.json, the one format every producer writes (download,
-    merge_lora): id, origin, files, fingerprint, time, ``extra(record)``'s keys, provenance."""
+    merge_lora): id, origin, files, the weights' size and parameter count, fingerprint, time,
+    ``extra(record)``'s keys, provenance."""
     from llmpipe import atomic, provenance
 
     record = {
         "model": model_id,
         "source": origin,
         **files,
+        "weights": safetensors_weights(folder),
         "fingerprint": fingerprint(files),
         "seconds": round(seconds, 3),
         "provenance": provenance.collect(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmpipe import architectures as arch
 from llmpipe import config as cfg
@@ -28,6 +28,16 @@ BACKEND_STEPS = {"llama.cpp": "evaluate_llama_cpp", "transformers": "evaluate_tr
 EVAL_KINDS = ("shard", "reference", "quality")
 # Bytes per token when a text's token count is bounded from its size before tokenization.
 BYTES_PER_TOKEN = 4
+
+
+class StatsJob(NamedTuple):
+    """One job whose record the report reads: its rule, the model and target (variant) of its
+    row, and the wildcards that name its files (rules.<rule>.output in report.smk)."""
+
+    rule: str
+    model: str
+    target: str
+    wildcards: dict[str, str]
 
 
 class RunPlan:
@@ -280,35 +290,56 @@ class RunPlan:
         return "evaluate_transformers", options
 
     # ---- Statistics -----------------------------------------------------------------------
-    def stats_records(self) -> list[str]:
-        """The records of the jobs that measured their resources, for every model and every
-        evaluated variant: each path once."""
-        records = []
-        for model in self.models:
-            records.append(f"results/models/{model}/manifest.json")
-            records.append(f"results/staged/{model}/stage.json")
-            variants = self.gguf_variants(model)
-            records += [self.gguf_record(model, v) for v in variants]
-            if any(cfg.split_variant(v)[1] for v in variants):
-                records.append(f"results/gguf/{model}/{model}.imatrix.json")
-        for model, variant, backend in self.eval_jsons():
-            if backend == "llama.cpp":
-                records.append(self.gguf_record(model, variant))
-            # the perplexity jobs' records (the generation shards' are in the eval JSONs)
-            records.append(f"results/eval/{model}/reference-{backend}.json")
-            if variant != self.eval_reference(backend):
-                records.append(f"results/eval/{model}/quality/{variant}-{backend}.json")
-        # the finetune jobs' metrics carry their resources too
-        records += [
-            p
-            for p in self.finetune_outputs()
-            if os.path.basename(p) in ("metrics.json", "comparison.json")
-        ]
-        return list(dict.fromkeys(records))
+    def model_job(self, model: str) -> StatsJob:
+        """The job that made a model's folder: its download, or a tuned model's merge."""
+        if model in self.tuned_bases:
+            return StatsJob("merge_lora", model, "", {"model": self.tuned_bases[model]})
+        return StatsJob("download", model, "", {"model": model})
 
-    def loss_curves(self) -> dict[str, str]:
-        """{model: loss.csv} of every fine-tuned model."""
-        return {model: f"results/finetune/{model}/loss.csv" for model in self.finetune_bases}
+    def gguf_job(self, model: str, variant: str) -> StatsJob:
+        """The job that wrote a GGUF: the conversion (the reference) or a quantization."""
+        if variant == self.reference:
+            return StatsJob(
+                "convert_to_gguf", model, variant, {"model": model, "reference": variant}
+            )
+        return StatsJob("quantize", model, variant, {"model": model, "quant": variant})
+
+    def weights_jobs(self) -> list[StatsJob]:
+        """Per evaluation (``eval_jsons`` order), the job whose record describes what it
+        loaded: the GGUF's, or the model folder's."""
+        return [
+            self.gguf_job(m, v) if b == "llama.cpp" else self.model_job(m)
+            for m, v, b in self.eval_jsons()
+        ]
+
+    def stats_jobs(self) -> list[StatsJob]:
+        """Every job with a resource record, for aggregate_stats: per model its folder,
+        staging, GGUFs and importance matrix; then the perplexity jobs of every evaluation
+        (the generation shards' are in the eval JSONs); then the fine-tunes and comparisons."""
+        jobs = []
+        for model in self.models:
+            jobs += [self.model_job(model), StatsJob("cache_to_shm", model, "", {"model": model})]
+            variants = self.gguf_variants(model)
+            jobs += [self.gguf_job(model, v) for v in variants]
+            if any(cfg.split_variant(v)[1] for v in variants):
+                jobs.append(StatsJob("imatrix", model, "", {"model": model}))
+        for model in self.models:
+            for backend in self.backends:
+                variants = self.eval_variants(model, backend)
+                if not variants:
+                    continue
+                reference = self.eval_reference(backend)
+                wc = {"model": model, "backend": backend}
+                jobs.append(StatsJob("evaluate_reference", model, f"{reference}-{backend}", wc))
+                jobs += [
+                    StatsJob("evaluate_quality", model, f"{v}-{backend}", {**wc, "variant": v})
+                    for v in variants
+                    if v != reference
+                ]
+        for base in self.finetune_bases:
+            jobs.append(StatsJob("finetune", ft.tuned_id(base), "", {"model": base}))
+            jobs.append(StatsJob("compare_finetune", base, "", {"model": base}))
+        return jobs
 
     def final_outputs(self) -> list[str]:
         """Everything `rule all` asks for."""

@@ -168,31 +168,6 @@ def get_modules(kind):
     return PLAN.modules(kind)
 
 
-def get_stats_eval_jsons(wildcards):
-    """Every expected eval JSON: the summary has one row per expected combination."""
-    return [PLAN.eval_json(*key) for key in PLAN.eval_jsons()]
-
-
-def get_stats_records(wildcards):
-    return PLAN.stats_records()
-
-
-def get_stats_loss_csvs(wildcards):
-    return list(PLAN.loss_curves().values())
-
-
-def get_stats_loss_map(wildcards):
-    return PLAN.loss_curves()
-
-
-def get_stats_eval_estimates(wildcards):
-    """{eval JSON: [estimator step, options]} as the evaluation shards planned them."""
-    return {
-        PLAN.eval_json(m, v, b): list(PLAN.eval_estimate(b, v, "shard"))
-        for m, v, b in PLAN.eval_jsons()
-    }
-
-
 # ---- Estimates and resources ---------------------------------------------------------------
 # Each job's mem_mb, runtime and GPUs come from the estimator (llmpipe.resources ->
 # llmpipe.estimate), evaluated when the job is ready to run, from the model's config.json:

@@ -4,14 +4,16 @@ from llmpipe.script import logged
 with logged(snakemake.log[0], snakemake.rule):
     counts = aggregate(
         eval_jsons=list(snakemake.input.evals),
+        weights=list(snakemake.input.weights),
+        jobs=snakemake.params.jobs,
         records=list(snakemake.input.records),
+        benchmarks=list(snakemake.input.benchmarks),
+        losses=dict(zip(snakemake.params.loss_models, snakemake.input.losses, strict=True)),
         out_csv=snakemake.output.summary,
         out_md=snakemake.output.markdown,
         out_resources=snakemake.output.resources,
         out_plots=snakemake.output.plots,
         out_provenance=snakemake.output.provenance,
-        loss_csvs=snakemake.params.losses,
-        eval_estimates=snakemake.params.eval_estimates,
         gguf_notes=snakemake.params.gguf_notes,
     )
     print(f"aggregate_stats: {counts}")

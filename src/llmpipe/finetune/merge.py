@@ -90,6 +90,7 @@ def merge_adapter(
         manifest_path,
         model_id=model_id,
         origin=origin,
+        folder=out_hf,
         files=files,
         seconds=time.perf_counter() - start,
         extra=extra,
