@@ -123,7 +123,7 @@ def test_not_fitting_step_refuses_resources():
 
 
 def test_stage_counts_ram_disk_in_job_memory():
-    e = est.stage(shape("llama-2-7b"))  # f16 checkpoint, 13,476,831,232 B
+    e = est.cache_to_shm(shape("llama-2-7b"))  # f16 checkpoint, 13,476,831,232 B
     # (12,852.5 MiB staged + 1024 MiB process) x 1.25 margin
     assert e.mem_mb == math.ceil((13_476_831_232 + 1024 * MIB) * 1.25 / MIB)
     assert e.gpus == 0
@@ -131,14 +131,14 @@ def test_stage_counts_ram_disk_in_job_memory():
 
 def test_convert_is_lazy_largest_tensors_not_whole_model():
     s = shape("llama-2-7b")
-    e = est.convert(s)
+    e = est.convert_to_gguf(s)
     # largest tensor: embedding 32000*4096 = 131,072,000; 2 in flight x (2 f16 + 4 f32 + 2 f16)
     # + 3072 MiB process, x 1.25: 9,120 MiB... far below the 12,852 MiB checkpoint x 1.25
     assert s.largest_tensor_params == 131_072_000
     assert e.mem_mb == math.ceil((3072 * MIB + 2 * 131_072_000 * 8) * 1.25 / MIB)
     assert e.disk_mb == math.ceil(13_477_363_712 / MIB)
     # staged: the RAM-disk copy is added
-    assert est.convert(s, staged=True).mem_mb > e.mem_mb + 12_000
+    assert est.convert_to_gguf(s, staged=True).mem_mb > e.mem_mb + 12_000
 
 
 def test_quantize_buffers():
@@ -203,12 +203,12 @@ def test_bf16_on_v100_is_flagged_and_slower():
 
 STEPS = [
     "download",
-    "stage",
-    "convert",
+    "cache_to_shm",
+    "convert_to_gguf",
     "imatrix",
     "quantize",
-    "evaluate-transformers",
-    "evaluate-llama.cpp",
+    "evaluate_transformers",
+    "evaluate_llama_cpp",
     "finetune-lora (gc on)",
     "finetune-lora (gc off)",
     "finetune-qlora (gc on)",
@@ -242,7 +242,7 @@ def test_cli_json(model, capsys):
 def test_cli_13b_table_classes(capsys):
     assert est.main([str(FIXTURES / "llama-2-13b.json"), "--json"]) == 0
     rows = {r["step"]: r for r in json.loads(capsys.readouterr().out)["steps"]}
-    assert rows["evaluate-transformers"]["gpus"] == 2
+    assert rows["evaluate_transformers"]["gpus"] == 2
     assert rows["finetune-lora (gc on)"]["gpus"] >= 2
     assert rows["finetune-qlora (gc on)"]["gpus"] == 1
 
@@ -318,11 +318,11 @@ def test_generation_keeps_the_last_positions_logits_perplexity_all_of_them():
 
 def test_merge_holds_the_model_once_in_its_dtype():
     s = shape("smollm2-135m")
-    m = est.merge(s, dtype="float16", a=est.CALIBRATED)
+    m = est.merge_lora(s, dtype="float16", a=est.CALIBRATED)
     # 400 MiB torch process + 269,030,016 B of f16 weights + one f32 delta 576 x 1536 x 4
     assert m.detail["host_peak_bytes"] == 400 * MIB + 269_030_016 + 884_736 * 4
     assert m.mem_mb == math.ceil(m.detail["host_peak_bytes"] * 1.25 / MIB)
-    big = est.merge(shape("llama-2-13b"), dtype="float16")
+    big = est.merge_lora(shape("llama-2-13b"), dtype="float16")
     assert big.mem_mb > 26_031_728_640 / MIB  # a 13B merge needs a big-memory node
     with pytest.raises(ConfigError, match="merged dtype"):
-        est.merge(s, dtype="Q4_K_M")
+        est.merge_lora(s, dtype="Q4_K_M")

@@ -62,19 +62,19 @@ FALLBACK: dict[str, tuple[int, int]] = {  # step -> (mem_mb, runtime minutes)
     "merge_lora": (32000, 60),
 }
 
-# Workflow step (the rule name) -> estimator function and the options it takes.
-_ESTIMATORS: dict[str, Callable[..., est.Estimate]] = {
-    "download": est.download,
-    "cache_to_shm": est.stage,
-    "convert_to_gguf": est.convert,
-    "quantize": est.quantize,
-    "imatrix": est.imatrix,
-    "evaluate_llama_cpp": est.evaluate_llama_cpp,
-    "evaluate_transformers": est.evaluate_transformers,
-    "finetune": est.finetune,
-    "merge_lora": est.merge,
-}
-STEPS = tuple(_ESTIMATORS)
+# Workflow steps (rule names) with an estimator of the same name in llmpipe.estimate.
+STEPS = (
+    "download",
+    "cache_to_shm",
+    "convert_to_gguf",
+    "quantize",
+    "imatrix",
+    "evaluate_llama_cpp",
+    "evaluate_transformers",
+    "finetune",
+    "merge_lora",
+)
+_ESTIMATORS: dict[str, Callable[..., est.Estimate]] = {step: getattr(est, step) for step in STEPS}
 
 
 @dataclass(frozen=True)

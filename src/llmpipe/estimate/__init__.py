@@ -9,8 +9,11 @@ formulas with tunable efficiency and safety factors (``Hardware``, ``Assumptions
 Modules by role: ``formats`` (bits per weight of each dtype and quant type), ``shape`` (the
 model's sizes from its config.json), ``hardware`` (GPU types of config ``hardware``, the CPU),
 ``assumptions`` (margins, throughputs), ``types`` (``Estimate``, GPU placement), the per-step
-estimators ``prepare`` (download, stage, convert, quantize, merge), ``inference`` (evaluate,
-imatrix) and ``training`` (finetune), and ``cli`` (``llmpipe-estimate``).
+estimators ``prepare`` (download, cache_to_shm, convert_to_gguf, quantize, merge_lora),
+``inference`` (evaluate, imatrix) and ``training`` (finetune), and ``cli``
+(``llmpipe-estimate``).
+
+Each estimator is named after the workflow rule (the step) it predicts.
 
 Units: "MB" is MiB (2**20 bytes), which is what Slurm's ``--mem`` counts; GB in the CLI table is
 GiB. Runtimes are wall-clock minutes for a job, including start-up.
@@ -24,8 +27,8 @@ from llmpipe.estimate.assumptions import CALIBRATED, DEFAULTS, Assumptions
 from llmpipe.estimate.cli import estimate_all, main
 from llmpipe.estimate.formats import bits_per_weight, bytes_per_weight, normalize_format
 from llmpipe.estimate.hardware import V100, Hardware, cpu
-from llmpipe.estimate.inference import evaluate, evaluate_llama_cpp, evaluate_transformers, imatrix
-from llmpipe.estimate.prepare import convert, download, merge, quantize, stage
+from llmpipe.estimate.inference import evaluate_llama_cpp, evaluate_transformers, imatrix
+from llmpipe.estimate.prepare import cache_to_shm, convert_to_gguf, download, merge_lora, quantize
 from llmpipe.estimate.shape import ModelShape, gguf_bytes, weights_bytes
 from llmpipe.estimate.training import finetune
 from llmpipe.estimate.types import Estimate, gpus_needed
@@ -42,11 +45,11 @@ __all__ = [
     "ModelShape",
     "bits_per_weight",
     "bytes_per_weight",
-    "convert",
+    "convert_to_gguf",
+    "cache_to_shm",
     "cpu",
     "download",
     "estimate_all",
-    "evaluate",
     "evaluate_llama_cpp",
     "evaluate_transformers",
     "finetune",
@@ -54,9 +57,8 @@ __all__ = [
     "gpus_needed",
     "imatrix",
     "main",
-    "merge",
+    "merge_lora",
     "normalize_format",
     "quantize",
-    "stage",
     "weights_bytes",
 ]

@@ -14,7 +14,7 @@ from llmpipe.estimate.assumptions import CALIBRATED, DEFAULTS, Assumptions
 from llmpipe.estimate.formats import format_kind, normalize_format
 from llmpipe.estimate.hardware import V100, Hardware, cpu
 from llmpipe.estimate.inference import evaluate_llama_cpp, evaluate_transformers, imatrix
-from llmpipe.estimate.prepare import convert, download, quantize, stage
+from llmpipe.estimate.prepare import cache_to_shm, convert_to_gguf, download, quantize
 from llmpipe.estimate.shape import ModelShape
 from llmpipe.estimate.training import FINETUNE_METHODS, finetune
 from llmpipe.estimate.types import Estimate
@@ -39,8 +39,8 @@ def estimate_all(
     """Every step for one model, in workflow order (the CLI's table)."""
     rows = [
         download(shape, a=a),
-        stage(shape, a=a),
-        convert(shape, staged=staged, a=a),
+        cache_to_shm(shape, a=a),
+        convert_to_gguf(shape, staged=staged, a=a),
         imatrix(shape, hw=hw, staged=staged, a=a),
         quantize(shape, quant, staged=staged, a=a),
         evaluate_transformers(

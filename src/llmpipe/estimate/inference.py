@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
 
 from llmpipe.constants import GIB, KLD_ARRAYS, KLD_BLOCK, MIB, record_width
 from llmpipe.errors import ConfigError
@@ -135,7 +134,7 @@ def evaluate_transformers(
         host_gpu_job = base * MIB
         shardable, replicated = weights + max(checkpoint, kv + running), 0
     return place(
-        "evaluate-transformers",
+        "evaluate_transformers",
         hw,
         a,
         shardable=shardable,
@@ -248,7 +247,7 @@ def evaluate_llama_cpp(
     # is the weights themselves, not a second copy. On a GPU the staged file stays on the host.
     host_gpu_job = base * MIB + logits_out + kld + (gguf if staged and hw.is_gpu else 0)
     return place(
-        "evaluate-llama.cpp",
+        "evaluate_llama_cpp",
         hw,
         a,
         shardable=gguf + kv,
@@ -316,12 +315,3 @@ def imatrix(
         notes=notes,
         detail={**base.detail, "matrix_bytes": matrix, "host_peak_bytes": peak},
     )
-
-
-def evaluate(shape: ModelShape, backend: str = "transformers", **kwargs: Any) -> Estimate:
-    """Dispatch to ``evaluate_transformers`` or ``evaluate_llama_cpp`` by backend name."""
-    if backend == "transformers":
-        return evaluate_transformers(shape, **kwargs)
-    if backend in ("llama.cpp", "llama_cpp", "llamacpp"):
-        return evaluate_llama_cpp(shape, **kwargs)
-    raise ConfigError(f"evaluation backend {backend!r}: expected 'transformers' or 'llama.cpp'")

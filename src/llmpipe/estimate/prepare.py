@@ -53,7 +53,9 @@ def download(
     )  # fmt: skip
 
 
-def stage(shape: ModelShape, *, weights: str | None = None, a: Assumptions = DEFAULTS) -> Estimate:
+def cache_to_shm(
+    shape: ModelShape, *, weights: str | None = None, a: Assumptions = DEFAULTS
+) -> Estimate:
     """Copy the model (``weights``: a checkpoint dtype or GGUF type) to the RAM disk and verify.
 
     tmpfs pages are charged to the memory cgroup of the job that writes them, so Slurm counts
@@ -68,11 +70,11 @@ def stage(shape: ModelShape, *, weights: str | None = None, a: Assumptions = DEF
     peak = size + base * MIB
     notes = [f"RAM disk holds {size / GIB:.1f} GiB ({fmt}), counted in the job's memory"]
     return host_estimate(
-        "stage", a, peak=peak, seconds=seconds, notes=notes, detail={"shm_bytes": size}
+        "cache_to_shm", a, peak=peak, seconds=seconds, notes=notes, detail={"shm_bytes": size}
     )
 
 
-def convert(
+def convert_to_gguf(
     shape: ModelShape,
     *,
     source_dtype: str | None = None,
@@ -117,7 +119,7 @@ def convert(
     if staged:
         notes.append(f"includes the staged {src_bytes / GIB:.1f} GiB on the RAM disk")
     return host_estimate(
-        "convert",
+        "convert_to_gguf",
         a,
         peak=peak,
         seconds=seconds,
@@ -183,7 +185,7 @@ def quantize(
     )
 
 
-def merge(
+def merge_lora(
     shape: ModelShape,
     *,
     dtype: str = "f16",
@@ -211,7 +213,7 @@ def merge(
         + weights / mb_s(a.hash_mb_s)  # the manifest's sha256
     )
     return host_estimate(
-        "merge",
+        "merge_lora",
         a,
         peak=peak,
         seconds=seconds,
