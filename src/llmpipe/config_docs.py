@@ -68,14 +68,9 @@ def _leaves(path: str, node: dict, own_tables: set[str]) -> list[str]:
     for name, sub in node.get("properties", {}).items():
         key = f"{path}.{name}" if path else name
         sub = cfg.resolve_ref(sub)
-        if key in own_tables:
+        if key in own_tables or f"{key}.*" in own_tables:
             continue
-        if "properties" in sub:
-            keys += _leaves(key, sub, own_tables)
-        elif f"{key}.*" in own_tables:
-            continue
-        else:
-            keys.append(key)
+        keys += _leaves(key, sub, own_tables) if "properties" in sub else [key]
     return keys
 
 
