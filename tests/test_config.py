@@ -20,8 +20,7 @@ def schema_check(config: dict) -> None:
 
 
 def test_default_config_is_valid():
-    config = default_config()
-    schema_check(config)
+    config = cfg.validate(default_config())
     cfg.check(config, workdir=REPO)
     assert cfg.model_ids(config) == ["smollm2"]
     assert cfg.reference_variant(config) == "F16"
@@ -40,6 +39,10 @@ def test_default_config_is_valid():
         (lambda c: c["models"]["smollm2"].update(source="ftp"), "ftp"),
         (lambda c: c["convert"].update(outtype="f8"), "f8"),
         (lambda c: c["stage"].update(verify="md5"), "md5"),
+        (lambda c: c.update(models={}), "models: {} should be non-empty"),
+        (lambda c: c["quantize"].update(types=["IQ2_XS"]), "'IQ2_XS' needs an importance matrix"),
+        (lambda c: c["finetune"]["defaults"].update(heldout_fraction=1), "heldout_fraction: 1"),
+        (lambda c: c["finetune"].update(enabled_for=["smollm2"] * 2), "non-unique"),
     ],
 )
 def test_schema_rejects_with_the_key_named(mutate, expected):
@@ -53,18 +56,25 @@ def test_schema_rejects_with_the_key_named(mutate, expected):
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda c: c["quantize"].update(types=["IQ2_XS"]), "importance matrix"),
         (lambda c: c["quantize"].update(types=["F16", "Q8_0"]), "already the reference"),
         (lambda c: c["quantize"].update(types=["Q8_0", "Q8_0"]), "listed twice"),
         (lambda c: c["models"].update(m={"source": "dir"}), "models.m.path: missing"),
         (lambda c: c["models"].update(m={"source": "dir", "path": "rel/x"}), "relative"),
         (lambda c: c["models"].update(m={"source": "hub"}), "models.m.repo_id: missing"),
         (lambda c: c.update(prompts="config/nope.txt"), "config/nope.txt does not exist"),
+        (
+            lambda c: c.update(
+                convert={"outtype": "q8_0"},
+                quantize={"types": ["Q4_K_M"], "imatrix": {"types": ["Q8_0"]}},
+            ),
+            "quantize.imatrix.types: 'Q8_0' is the reference GGUF itself",
+        ),
     ],
 )
 def test_cross_key_checks(mutate, expected):
     config = default_config()
     mutate(config)
+    cfg.validate(config, SCHEMA)
     with pytest.raises(ConfigError, match=expected):
         cfg.check(config, workdir=REPO)
 
@@ -72,11 +82,84 @@ def test_cross_key_checks(mutate, expected):
 def test_every_quant_type_maps_to_a_llama_cpp_constant():
     from llmpipe.gguf import ftype_constant
 
-    schema = yaml.safe_load(Path(SCHEMA).read_text())
-    enum = schema["properties"]["quantize"]["properties"]["types"]["items"]["enum"]
-    assert set(cfg.QUANT_TYPES) | set(cfg.IMATRIX_TYPES) == set(enum)
-    values = {quant: ftype_constant(quant) for quant in cfg.QUANT_TYPES}
+    assert cfg.choices("quantize.types") == cfg.QUANT_TYPES
+    # the types only quantize.imatrix.types allows: they need a matrix
+    needs_matrix = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
+    assert needs_matrix == cfg.IMATRIX_TYPES
+    # an importance matrix changes every quantization but the unquantized types
+    no_matrix = set(cfg.QUANT_TYPES) - set(cfg.choices("quantize.imatrix.types"))
+    assert no_matrix == {"F16", "BF16", "F32"}
+    values = {quant: ftype_constant(quant) for quant in cfg.QUANT_TYPES + cfg.IMATRIX_TYPES}
     assert len(set(values.values())) == len(values)  # no two names share a file type
+
+
+# ---- The schema as the one source of each key's facts -------------------------------------
+
+
+def test_validate_fills_every_default_from_the_schema():
+    config = cfg.validate({"models": {"m": {"source": "dir", "path": "/x"}}})
+    assert config["convert"] == {"outtype": "f16"}
+    assert config["models"]["m"]["imatrix"] is True
+    assert config["quantize"]["imatrix"] == cfg.defaults("quantize.imatrix")
+    assert config["evaluate"]["llama_cpp"]["kv_type"] == "f16"
+    assert config["finetune"]["defaults"] == cfg.defaults("finetune.defaults")
+    # per-model fine-tune overrides stay as written: they layer over finetune.defaults
+    config = cfg.validate({**config, "finetune": {"models": {"m": {"lora_r": 4}}}})
+    assert config["finetune"]["models"] == {"m": {"lora_r": 4}}
+
+
+def test_choices_and_defaults_come_from_the_schema():
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    llama = schema["properties"]["evaluate"]["properties"]["llama_cpp"]["properties"]
+    assert cfg.choices("evaluate.llama_cpp.kv_type") == tuple(llama["kv_type"]["enum"])
+    assert cfg.choices("evaluate.backends") == ("llama.cpp", "transformers")  # a list's items
+    assert cfg.choices("models.*.source") == ("package", "dir", "hub")
+    assert cfg.choices("finetune.models.*.method") == ("lora", "qlora")  # through its $ref
+    assert cfg.defaults("stage") == {"root": "/dev/shm", "verify": "size", "reserve_gb": 1}
+    with pytest.raises(KeyError, match="evaluate.llama_cpp.kv: not a key"):
+        cfg.key_schema("evaluate.llama_cpp.kv")
+    with pytest.raises(KeyError, match="no choices"):
+        cfg.choices("evaluate.threads")
+
+
+def test_backends_take_their_choices_from_the_schema():
+    from llmpipe.evaluation import hf_backend, llama_backend
+
+    assert cfg.choices("evaluate.llama_cpp.kv_type") == llama_backend.KV_TYPES
+    assert cfg.choices("evaluate.llama_cpp.split_mode") == llama_backend.SPLIT_MODES
+    assert cfg.choices("evaluate.transformers.device") == hf_backend.DEVICES
+    assert cfg.choices("evaluate.transformers.dtype") == hf_backend.DTYPES
+
+
+def test_every_schema_key_has_a_description():
+    def walk(node, path):
+        node = cfg.resolve_ref(node)
+        for name, sub in node.get("properties", {}).items():
+            key = f"{path}.{name}" if path else name
+            assert cfg.resolve_ref(sub).get("description"), key
+            walk(sub, key)
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], f"{path}.*")
+
+    walk(cfg.schema(), "")
+
+
+def test_config_readme_tables_match_the_schema():
+    """config/README.md's key tables are generated: rerun `python -m llmpipe.config_docs`."""
+    from llmpipe import config_docs
+
+    readme = config_docs.README.read_text(encoding="utf-8")
+    assert config_docs.render(readme) == readme, "run: python -m llmpipe.config_docs"
+    assert "| `kv_type` |" not in readme and "| `llama_cpp.kv_type` |" in readme
+
+
+def test_config_readme_names_a_key_no_table_lists():
+    from llmpipe import config_docs
+
+    readme = config_docs.README.read_text(encoding="utf-8")
+    without_farm = readme.replace("<!-- keys: farm -->", "")
+    with pytest.raises(ValueError, match="no table lists farm.shards"):
+        config_docs.render(without_farm)
 
 
 def test_read_prompts(tmp_path):

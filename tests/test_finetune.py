@@ -7,6 +7,7 @@ uses the default run's SmolLM2 (steps slow enough to kill the process between ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -41,15 +42,16 @@ def schema() -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def test_schema_and_settings_agree_on_every_key_and_default():
+def test_settings_are_a_view_of_the_schemas_keys_and_defaults():
     sec = schema()["properties"]["finetune"]["properties"]
     props = sec["defaults"]["properties"]
-    assert {k: v["default"] for k, v in props.items()} == ft.defaults()
-    for key, prop in props.items():
-        assert prop.get("description") and "type" in prop, key
+    assert list(ft.Settings.__dataclass_fields__) == list(props)
+    assert ft.Settings().as_dict() == {k: v["default"] for k, v in props.items()}
     overrides = sec["models"]["additionalProperties"]["properties"]
     assert set(overrides) == set(props)
     assert all(v["$ref"].endswith(f"/{k}") for k, v in overrides.items())
+    # every key is used by some step
+    assert all(f.metadata["groups"] for f in dataclasses.fields(ft.Settings))
 
 
 def test_config_file_validates_and_resolves_per_model_overrides(tmp_path):
@@ -74,17 +76,46 @@ def test_config_file_validates_and_resolves_per_model_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"enabled_for": ["nope"]}, "not a model id"),
-        ({"enabled_for": ["smollm2"], "models": {"other": {}}}, "does not list"),
-        ({"enabled_for": ["smollm2"], "defaults": {"method": "qlora", "device": "cpu"}}, "CUDA"),
-        ({"enabled_for": ["smollm2"], "defaults": {"strategy": "fsdp", "method": "qlora"}}, "fsdp"),
-        ({"enabled_for": ["smollm2"], "defaults": {"learnin_rate": 1}}, "unknown key"),
-        ({"enabled_for": ["smollm2"], "defaults": {"batch_size": 0}}, "minimum"),
+        ({"enabled_for": ["nope"]}, "finetune.enabled_for: 'nope' is not a model id"),
+        ({"enabled_for": ["smollm2"], "models": {"other": {}}}, "other: .* does not list"),
+        (
+            {"enabled_for": ["smollm2"], "defaults": {"method": "qlora", "device": "cpu"}},
+            "finetune.defaults.method: qlora needs a CUDA GPU",
+        ),
+        (
+            {
+                "enabled_for": ["smollm2"],
+                "models": {"smollm2": {"strategy": "fsdp", "method": "qlora"}},
+            },
+            "finetune.models.smollm2.strategy: fsdp with method qlora",
+        ),
+        (
+            {"enabled_for": ["smollm2"], "defaults": {"device": "cpu", "precision": "bf16"}},
+            "finetune.defaults.precision: bf16 mixed precision needs a GPU",
+        ),
+        (
+            {"enabled_for": ["smollm2"], "defaults": {"heldout_file": "h.jsonl"}},
+            "finetune.defaults.heldout_file: set, but train_file is null",
+        ),
+        ({"defaults": {"learnin_rate": 1}}, "finetune.defaults.learnin_rate: unknown key"),
+        (
+            {"defaults": {"batch_size": 0}},
+            "finetune.defaults.batch_size: 0 is less than the minimum",
+        ),
+        (
+            {"models": {"smollm2": {"method": "lor"}}},
+            "finetune.models.smollm2.method: 'lor' is not",
+        ),
     ],
 )
 def test_bad_finetune_sections_name_the_key(section, message):
-    config = {"models": {"smollm2": {"source": "package"}}, "finetune": section}
+    """The schema checks each key (validate), ft.check what spans several."""
+    from llmpipe import config as cfg
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["finetune"] = section
     with pytest.raises(ConfigError, match=message):
+        cfg.validate(config)
         ft.check(config)
 
 

@@ -1,53 +1,101 @@
-"""The user's config: checks beyond the JSON schema, and the tables the workflow expands.
+"""The user's config: the schema, checks beyond it, and the tables the workflow expands.
 
-The schema (workflow/schemas/config.schema.yaml) checks types, names and enums; this module checks
-what spans several keys and what needs the file system. Imported by the Snakefile: keep it free of
-heavy imports (no torch, no transformers).
+The schema (workflow/schemas/config.schema.yaml) is the one source of every key's type, default,
+choices and description: ``validate`` fills its defaults and checks the config against it,
+``choices`` and ``defaults`` hand its facts to code that needs them, and config/README.md's key
+tables are generated from it (``llmpipe.config_docs``). This module adds what spans several keys
+and what needs the file system. Imported by the Snakefile: keep it free of heavy imports (no
+torch, no transformers).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from llmpipe.constants import IMATRIX_SUFFIX, tokens_bound
 from llmpipe.errors import ConfigError
 
-# llama.cpp's quantization types that need no importance matrix, as `llama-quantize --help`
-# names them; each maps to the LLAMA_FTYPE_* constant of the same name (tested against llama_cpp).
-QUANT_TYPES = (
-    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
-    "IQ3_XXS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0",
-    "F16", "BF16", "F32",
-)  # fmt: skip
-# These produce garbage (or llama.cpp refuses them) without an importance matrix: allowed only in
-# quantize.imatrix.types, whose variants are quantized with one (llmpipe.imatrix).
-IMATRIX_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@functools.lru_cache(maxsize=4)
+def _load_schema(path: str) -> dict:
+    # libyaml's loader when built in: the schema is parsed on every planner start
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(Path(path).read_text(), Loader=loader)  # noqa: S506 (a safe loader)
+
+
+def schema(path: str | Path = SCHEMA_PATH) -> dict:
+    """The parsed schema, read once per process (shared: do not modify it)."""
+    return _load_schema(str(Path(path).resolve()))
+
+
+def key_schema(key: str) -> dict:
+    """The schema of one key, by its dotted path (``evaluate.llama_cpp.kv_type``); ``*`` steps
+    into the values of a mapping keyed by the user (``models.*.source``)."""
+    node = schema()
+    for part in key.split("."):
+        if part == "*":
+            node = node.get("additionalProperties")
+        else:
+            node = node.get("properties", {}).get(part)
+        if not isinstance(node, dict):
+            raise KeyError(f"{key}: not a key of the config schema ({SCHEMA_PATH})")
+        node = resolve_ref(node)
+    return node
+
+
+def resolve_ref(node: dict) -> dict:
+    """``node`` itself, or the part of the schema its ``$ref`` (``#/properties/...``) points at."""
+    while "$ref" in node:
+        target = schema()
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def choices(key: str) -> tuple:
+    """The values the schema allows for ``key`` (its enum, or its items' enum for a list)."""
+    node = key_schema(key)
+    enum = node.get("enum", node.get("items", {}).get("enum"))
+    if enum is None:
+        raise KeyError(f"{key}: the config schema lists no choices for it")
+    return tuple(enum)
+
+
+def defaults(key: str) -> dict[str, Any]:
+    """The schema's default of every key of section ``key`` that has one (fresh copies)."""
+    props = key_schema(key).get("properties", {})
+    return {name: copy.deepcopy(sub["default"]) for name, sub in props.items() if "default" in sub}
+
+
+# llama.cpp's quantization types as `llama-quantize --help` names them (each maps to the
+# LLAMA_FTYPE_* constant of the same name, tested against llama_cpp). quantize.types takes those
+# that need no importance matrix; the ones quantize.imatrix.types alone allows need one: without
+# they produce garbage or llama.cpp refuses them (llmpipe.imatrix computes the matrix).
+QUANT_TYPES = choices("quantize.types")
+IMATRIX_TYPES = tuple(t for t in choices("quantize.imatrix.types") if t not in QUANT_TYPES)
 # IMATRIX_SUFFIX (llmpipe.constants): "Q4_K_M-imat" is Q4_K_M quantized with the model's
 # importance matrix, next to the plain "Q4_K_M", so the quality table compares the two.
-# Types an importance matrix means nothing for (no quantization, or none llama.cpp weights).
-_NO_IMATRIX = ("F16", "BF16", "F32")
-
-# The converter's --outtype values and the variant name the reference GGUF gets.
-OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 
 
-def validate(config: dict, schema_path: str | Path) -> dict:
+def validate(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
     """Fill defaults from the schema into ``config`` (in place), then validate it.
 
-    Like snakemake.utils.validate, but a failure is one line naming the key path, the value and
-    what was expected (Snakemake's own message dumps the whole sub-schema).
+    Like snakemake.utils.validate(set_default=True), but a failure is one line naming the key
+    path, the value and what was expected (Snakemake's own message dumps the whole sub-schema).
     """
     from jsonschema import Draft202012Validator
 
-    # libyaml's loader when built in: the schema is parsed on every planner start (~7x faster)
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    schema = yaml.load(Path(schema_path).read_text(), Loader=loader)  # noqa: S506 (safe loader)
-    _fill_defaults(config, schema)
-    errors = sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path))
+    rules = schema(schema_path)
+    _fill_defaults(config, rules)
+    errors = sorted(Draft202012Validator(rules).iter_errors(config), key=lambda e: list(e.path))
     if errors:
         raise ConfigError(_describe(errors[0]))
     return config
@@ -61,6 +109,16 @@ def _describe(err) -> str:
         extra = sorted(set(err.instance) - set(allowed))
         prefix = "" if where == "config" else f"{where}."
         return f"{prefix}{extra[0]}: unknown key (expected one of: {', '.join(allowed)})"
+    if (
+        err.validator == "enum"
+        and where.startswith("quantize.types[")
+        and (err.instance in IMATRIX_TYPES)
+    ):
+        return (
+            f"quantize.types: '{err.instance}' needs an importance matrix: list it under "
+            f"quantize.imatrix.types instead (its variant '{err.instance}{IMATRIX_SUFFIX}' is "
+            f"then quantized with the model's matrix from llama-imatrix)"
+        )
     if err.validator == "propertyNames" or (err.validator == "pattern" and where == "models"):
         return (
             f"{where}: {err.instance!r} is not a valid id (letters, digits, '.', '_', '-'; "
@@ -71,18 +129,20 @@ def _describe(err) -> str:
     return f"{where}: {err.message}{hint}"
 
 
-def _fill_defaults(node: object, schema: dict) -> None:
+def _fill_defaults(node: object, rules: dict) -> None:
+    """Set every missing key that has a default, walking into sections and user-keyed mappings
+    (``models.<id>``); not through ``$ref``s, so per-model fine-tune overrides stay partial."""
     if not isinstance(node, dict):
         return
-    for key, sub in schema.get("properties", {}).items():
+    for key, sub in rules.get("properties", {}).items():
         if key not in node and "default" in sub:
             node[key] = copy.deepcopy(sub["default"])
         if key in node:
             _fill_defaults(node[key], sub)
-    extra = schema.get("additionalProperties")
+    extra = rules.get("additionalProperties")
     if isinstance(extra, dict):
         for key, value in node.items():
-            if key not in schema.get("properties", {}):
+            if key not in rules.get("properties", {}):
                 _fill_defaults(value, extra)
 
 
@@ -94,8 +154,9 @@ def _key_path(path) -> str:
 
 
 def reference_variant(config: dict) -> str:
-    """Name of the GGUF the converter writes, which every quantization starts from (e.g. F16)."""
-    return OUTTYPES[config["convert"]["outtype"]]
+    """Name of the GGUF the converter writes, which every quantization starts from: the
+    upper-case ``convert.outtype`` (F16, BF16, F32, Q8_0)."""
+    return config["convert"]["outtype"].upper()
 
 
 def quant_types(config: dict) -> list[str]:
@@ -103,9 +164,8 @@ def quant_types(config: dict) -> list[str]:
 
 
 def imatrix_section(config: dict) -> dict:
-    """``quantize.imatrix`` (its schema defaults where a config was not filled by validate)."""
-    defaults = {"types": [], "text": None, "chunks": 100, "n_ctx": 512}
-    return {**defaults, **config["quantize"].get("imatrix", {})}
+    """``quantize.imatrix`` of a validated config."""
+    return config["quantize"]["imatrix"]
 
 
 def imatrix_types(config: dict) -> list[str]:
@@ -119,7 +179,7 @@ def uses_imatrix(config: dict, model: str) -> bool:
     spec = config["models"].get(model)
     if spec is None and model.endswith("-ft"):
         spec = config["models"].get(model.removesuffix("-ft"))
-    return bool((spec or {}).get("imatrix", True))
+    return spec is None or spec["imatrix"]
 
 
 def quant_variants(config: dict, model: str | None = None) -> list[str]:
@@ -146,21 +206,10 @@ def model_ids(config: dict) -> list[str]:
 
 
 def check(config: dict, workdir: str | Path = ".") -> None:
-    """Cross-key checks after schema validation; a ConfigError names key, value and expectation."""
-    if not config["models"]:
-        raise ConfigError("models: is empty (expected at least one model entry)")
+    """Cross-key checks of a validated config (``validate``: the schema has checked each key's
+    type, choices and range); a ConfigError names key, value and expectation."""
     ref = reference_variant(config)
     for quant in quant_types(config):
-        if quant in IMATRIX_TYPES:
-            raise ConfigError(
-                f"quantize.types: '{quant}' needs an importance matrix: list it under "
-                f"quantize.imatrix.types instead (its variant '{quant}{IMATRIX_SUFFIX}' is then "
-                f"quantized with the model's matrix from llama-imatrix)"
-            )
-        if quant not in QUANT_TYPES:
-            raise ConfigError(
-                f"quantize.types: unknown type '{quant}' (expected one of {', '.join(QUANT_TYPES)})"
-            )
         if quant == ref:
             raise ConfigError(
                 f"quantize.types: '{quant}' is already the reference GGUF written by "
@@ -180,13 +229,13 @@ def check(config: dict, workdir: str | Path = ".") -> None:
 
 def _check_imatrix(config: dict, workdir: Path) -> None:
     types = imatrix_types(config)
-    for quant in types:
-        if quant in _NO_IMATRIX or quant == reference_variant(config):
-            what = "the reference GGUF itself" if quant == reference_variant(config) else "no"
-            raise ConfigError(
-                f"quantize.imatrix.types: '{quant}' is {what} quantization: an importance "
-                f"matrix cannot change it (expected a type such as Q4_K_M, Q2_K or IQ2_XS)"
-            )
+    ref = reference_variant(config)
+    if ref in types:
+        raise ConfigError(
+            f"quantize.imatrix.types: '{ref}' is the reference GGUF itself (convert.outtype "
+            f"{config['convert']['outtype']}): an importance matrix cannot change it (expected a "
+            f"type such as Q4_K_M, Q2_K or IQ2_XS)"
+        )
     if not types or not any(uses_imatrix(config, m) for m in config["models"]):
         return
     text = imatrix_section(config)["text"]
@@ -207,8 +256,6 @@ _SOURCE_KEYS = {"package": ("package", "file"), "dir": ("path",), "hub": ("repo_
 
 
 def _check_model(model_id: str, spec: dict) -> None:
-    if model_id in (".", "..") or model_id.startswith("."):
-        raise ConfigError(f"models.{model_id}: a model id may not start with '.'")
     kind = spec["source"]
     for key in _SOURCE_KEYS[kind]:
         if not spec.get(key):

@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from llmpipe import config as cfg
 from llmpipe.errors import ConfigError, ResourceError
 from llmpipe.evaluation.records import PromptResult, Sampling, choose_threads
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEVICES = ("auto", "cpu", "cuda")
+DTYPES = cfg.choices("evaluate.transformers.dtype")
+DEVICES = cfg.choices("evaluate.transformers.device")
 
 
 @dataclass(frozen=True)

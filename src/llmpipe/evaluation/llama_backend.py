@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from llmpipe import config as cfg
 from llmpipe.errors import ConfigError, PipelineError
 from llmpipe.evaluation.records import PromptResult, Sampling, choose_threads
 
-SPLIT_MODES = ("none", "layer", "row")
-KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+SPLIT_MODES = cfg.choices("evaluate.llama_cpp.split_mode")
+KV_TYPES = cfg.choices("evaluate.llama_cpp.kv_type")
 
 
 @dataclass(frozen=True)

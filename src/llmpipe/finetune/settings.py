@@ -8,12 +8,13 @@
       models:
         smollm2: {max_steps: 30}      # per-model overrides of defaults
 
-``Settings`` holds every key with its default; the schema (workflow/schemas/config.schema.yaml,
-``finetune.defaults``) carries the same keys and defaults (a test keeps them equal). The rules
-pass each step only the keys it uses (``Settings.group``), so changing, say, the comparison's
-batch size reruns the comparison, not the training.
+``Settings`` is a typed view of one model's keys; their types, choices, ranges and defaults are
+the schema's (workflow/schemas/config.schema.yaml, ``finetune.defaults``), checked by
+``llmpipe.config.validate``. The rules pass each step only the keys it uses (``Settings.group``),
+so changing, say, the comparison's batch size reruns the comparison, not the training.
 
-Imported by the Snakefile: standard library only.
+Imported by the Snakefile: no heavy imports (standard library, and llmpipe.config for the
+schema).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmpipe import config as cfg
 from llmpipe.constants import tokens_bound
 from llmpipe.errors import ConfigError
 
@@ -53,9 +55,13 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 # lora_to_gguf), compare (compare_finetune).
 DATA, TRAIN, MERGE, COMPARE = "data", "train", "merge", "compare"
 
+_SCHEMA_DEFAULTS = cfg.defaults("finetune.defaults")
 
-def _key(default: Any, *groups: str, choices: tuple = (), minimum: float | None = None) -> Any:
-    meta = {"groups": groups, "choices": choices, "minimum": minimum}
+
+def _key(name: str, *groups: str) -> Any:
+    """Field ``name``: its default from the schema; ``groups`` are the steps that use it."""
+    default = _SCHEMA_DEFAULTS[name]
+    meta = {"groups": groups}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,57 +69,60 @@ def _key(default: Any, *groups: str, choices: tuple = (), minimum: float | None 
 
 @dataclass(frozen=True)
 class Settings:
-    """One tuned model's settings; the defaults suit a 7B LoRA run on one V100-32GB.
+    """One tuned model's settings: a typed view of a validated ``finetune.defaults`` mapping.
 
-    Every key is documented in workflow/schemas/config.schema.yaml and config/README.md.
+    Types, choices, ranges and defaults are the schema's (``finetune.defaults`` in
+    workflow/schemas/config.schema.yaml; explained in config/README.md); this class checks none of
+    them again. Build it from a validated config (``resolve``) or a mapping from one
+    (``from_dict``).
     """
 
     # --- the adapter
-    method: str = _key("lora", TRAIN, choices=("lora", "qlora"))
-    qlora_quant: str = _key("nf4", TRAIN, choices=("nf4", "fp4", "int8"))
-    lora_r: int = _key(16, TRAIN, minimum=1)
-    lora_alpha: float = _key(32, TRAIN, minimum=0)
-    lora_dropout: float = _key(0.05, TRAIN, minimum=0)
-    target_modules: list[str] | str | None = _key(None, TRAIN)
+    method: str = _key("method", TRAIN)
+    qlora_quant: str = _key("qlora_quant", TRAIN)
+    lora_r: int = _key("lora_r", TRAIN)
+    lora_alpha: float = _key("lora_alpha", TRAIN)
+    lora_dropout: float = _key("lora_dropout", TRAIN)
+    target_modules: list[str] | str | None = _key("target_modules", TRAIN)
     # --- optimisation
-    learning_rate: float = _key(2e-4, TRAIN, minimum=0)
-    lr_scheduler: str = _key("cosine", TRAIN, choices=("cosine", "linear", "constant"))
-    warmup_steps: int = _key(0, TRAIN, minimum=0)
-    weight_decay: float = _key(0.0, TRAIN, minimum=0)
-    max_grad_norm: float = _key(1.0, TRAIN, minimum=0)
-    epochs: int = _key(1, TRAIN, minimum=1)
-    max_steps: int | None = _key(None, TRAIN, minimum=1)
-    batch_size: int = _key(4, TRAIN, minimum=1)
-    grad_accum: int = _key(4, TRAIN, minimum=1)
-    seq_len: int = _key(512, TRAIN, DATA, minimum=8)
-    gradient_checkpointing: bool = _key(True, TRAIN)
-    seed: int = _key(0, TRAIN, minimum=0)
-    precision: str = _key("auto", TRAIN, choices=("auto", "fp16", "bf16", "fp32"))
-    device: str = _key("auto", TRAIN, COMPARE, choices=("auto", "cuda", "cpu"))
+    learning_rate: float = _key("learning_rate", TRAIN)
+    lr_scheduler: str = _key("lr_scheduler", TRAIN)
+    warmup_steps: int = _key("warmup_steps", TRAIN)
+    weight_decay: float = _key("weight_decay", TRAIN)
+    max_grad_norm: float = _key("max_grad_norm", TRAIN)
+    epochs: int = _key("epochs", TRAIN)
+    max_steps: int | None = _key("max_steps", TRAIN)
+    batch_size: int = _key("batch_size", TRAIN)
+    grad_accum: int = _key("grad_accum", TRAIN)
+    seq_len: int = _key("seq_len", TRAIN, DATA)
+    gradient_checkpointing: bool = _key("gradient_checkpointing", TRAIN)
+    seed: int = _key("seed", TRAIN)
+    precision: str = _key("precision", TRAIN)
+    device: str = _key("device", TRAIN, COMPARE)
     # --- placement
-    nodes: int = _key(1, TRAIN, minimum=1)
-    gpus_per_node: int = _key(1, TRAIN, minimum=1)
-    strategy: str = _key("ddp", TRAIN, choices=("ddp", "fsdp"))
-    rdzv_port: int = _key(29400, TRAIN, minimum=1)
+    nodes: int = _key("nodes", TRAIN)
+    gpus_per_node: int = _key("gpus_per_node", TRAIN)
+    strategy: str = _key("strategy", TRAIN)
+    rdzv_port: int = _key("rdzv_port", TRAIN)
     # --- bookkeeping
-    log_every: int = _key(10, TRAIN, minimum=1)
-    eval_every: int = _key(50, TRAIN, minimum=1)
-    eval_examples: int | None = _key(64, TRAIN, minimum=1)
-    save_every: int = _key(50, TRAIN, minimum=1)
-    keep_checkpoints: int = _key(2, TRAIN, minimum=1)
+    log_every: int = _key("log_every", TRAIN)
+    eval_every: int = _key("eval_every", TRAIN)
+    eval_examples: int | None = _key("eval_examples", TRAIN)
+    save_every: int = _key("save_every", TRAIN)
+    keep_checkpoints: int = _key("keep_checkpoints", TRAIN)
     # --- data
-    train_file: str | None = _key(None, DATA)
-    heldout_file: str | None = _key(None, DATA)
-    heldout_fraction: float = _key(0.1, DATA, minimum=0)
-    task: str = _key("reverse_words", DATA, choices=("reverse_words",))
-    task_train_examples: int = _key(1000, DATA, minimum=1)
-    task_heldout_examples: int = _key(100, DATA, minimum=1)
-    data_seed: int = _key(0, DATA, minimum=0)
+    train_file: str | None = _key("train_file", DATA)
+    heldout_file: str | None = _key("heldout_file", DATA)
+    heldout_fraction: float = _key("heldout_fraction", DATA)
+    task: str = _key("task", DATA)
+    task_train_examples: int = _key("task_train_examples", DATA)
+    task_heldout_examples: int = _key("task_heldout_examples", DATA)
+    data_seed: int = _key("data_seed", DATA)
     # --- outputs
-    merged_dtype: str = _key("float16", MERGE, choices=("float16", "bfloat16", "float32"))
-    adapter_gguf: bool = _key(False, MERGE)
-    compare_examples: int | None = _key(None, COMPARE, minimum=1)
-    compare_batch_size: int = _key(16, COMPARE, minimum=1)
+    merged_dtype: str = _key("merged_dtype", MERGE)
+    adapter_gguf: bool = _key("adapter_gguf", MERGE)
+    compare_examples: int | None = _key("compare_examples", COMPARE)
+    compare_batch_size: int = _key("compare_batch_size", COMPARE)
 
     def group(self, name: str) -> dict[str, Any]:
         """The keys one step uses, as a plain dict (a rule's ``params``)."""
@@ -136,68 +145,14 @@ class Settings:
         return self.device == "cuda" or self.method == "qlora"
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-
-
-def defaults() -> dict[str, Any]:
-    """Every key and its default (compared with the schema's defaults by a test)."""
-    return Settings().as_dict()
-
-
-def from_dict(values: Mapping[str, Any], where: str = "finetune") -> Settings:
-    """Settings from a (partial) mapping; a bad key or value names ``where.key``."""
-    for key, value in values.items():
-        if key not in FIELDS:
-            raise ConfigError(
-                f"{where}.{key}: unknown key (expected one of: {', '.join(sorted(FIELDS))})"
-            )
-        _check_value(f"{where}.{key}", FIELDS[key], value)
-    merged = {**defaults(), **values}
-    settings = Settings(**merged)
-    _check_combination(settings, where)
-    return settings
-
-
-_TYPES = {
-    "int": (int,),
-    "float": (int, float),
-    "str": (str,),
-    "bool": (bool,),
-}
-
-
-def _check_value(where: str, f: dataclasses.Field, value: Any) -> None:
-    kind = str(f.type)
-    optional = "None" in kind
-    if value is None:
-        if optional:
-            return
-        raise ConfigError(f"{where}: null is not allowed (expected a value like {f.default!r})")
-    if f.name == "target_modules":
-        ok = isinstance(value, str) or (
-            isinstance(value, list) and value and all(isinstance(v, str) for v in value)
-        )
-        if not ok:
-            raise ConfigError(
-                f"{where}: {value!r} is not a list of module names or 'all-linear' "
-                f"(null = the architecture's default)"
-            )
-        return
-    base = kind.split("|")[0].strip()
-    types = _TYPES[base]
-    if isinstance(value, bool) and base != "bool" or not isinstance(value, types):
-        raise ConfigError(f"{where}: {value!r} is not of type {base}")
-    choices = f.metadata["choices"]
-    if choices and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
-    minimum = f.metadata["minimum"]
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where}: {value!r} is less than the minimum of {minimum}")
+def from_dict(values: Mapping[str, Any]) -> Settings:
+    """The view of a (partial) mapping of validated settings, e.g. a rule's ``params`` made by
+    ``Settings.group``; keys it leaves out take the schema's defaults."""
+    return Settings(**values)
 
 
 def _check_combination(s: Settings, where: str) -> None:
-    if s.heldout_fraction >= 1:
-        raise ConfigError(f"{where}.heldout_fraction: {s.heldout_fraction} (expected < 1)")
+    """The rules between keys that the schema cannot express; the error names the key."""
     if s.strategy == "fsdp" and s.method == "qlora":
         raise ConfigError(
             f"{where}.strategy: fsdp with method qlora is not supported (bitsandbytes weights "
@@ -240,16 +195,19 @@ def tuned_models(config: Mapping[str, Any]) -> list[str]:
 
 
 def resolve(config: Mapping[str, Any], base: str) -> Settings:
-    """The settings of base model ``base``: schema defaults < finetune.defaults < models.<base>."""
+    """The settings of base model ``base`` in a validated config: schema defaults <
+    finetune.defaults < finetune.models.<base>."""
     sec = section(config)
     merged = {**(sec.get("defaults") or {}), **((sec.get("models") or {}).get(base) or {})}
-    return from_dict(merged, where=f"finetune.models.{base}")
+    settings = from_dict(merged)
+    _check_combination(settings, f"finetune.models.{base}")
+    return settings
 
 
 def check(config: Mapping[str, Any]) -> None:
-    """Cross-key checks of the finetune section (after schema validation)."""
+    """Cross-key checks of the finetune section of a validated config."""
     sec = section(config)
-    models = list(config.get("models") or {})
+    models = list(config["models"])
     enabled = base_models(config)
     for base in enabled:
         if base not in models:
@@ -262,16 +220,13 @@ def check(config: Mapping[str, Any]) -> None:
                 f"finetune.enabled_for: '{base}' would create the model '{tuned_id(base)}', "
                 f"which models: already defines; rename that model"
             )
-    dupes = sorted({m for m in enabled if enabled.count(m) > 1})
-    if dupes:
-        raise ConfigError(f"finetune.enabled_for: listed twice: {', '.join(dupes)}")
     for base in sec.get("models") or {}:
         if base not in enabled:
             raise ConfigError(
                 f"finetune.models.{base}: settings for a model that finetune.enabled_for does "
                 f"not list (add it there, or remove these settings)"
             )
-    from_dict(sec.get("defaults") or {}, where="finetune.defaults")
+    _check_combination(from_dict(sec.get("defaults") or {}), "finetune.defaults")
     for base in enabled:
         resolve(config, base)
 
