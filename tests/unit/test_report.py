@@ -1,7 +1,7 @@
 """aggregate_stats: the summary table, the filled-in recipe paragraph, plots and the HTML report.
 
-Unit tests build a small results/ tree of records by hand; the workflow tests read the default
-run's results/stats and build `snakemake --report` from it.
+Unit tests build a small results/ tree of records by hand (the default run's results/stats and
+`snakemake --report`: tests/workflow/test_report_workflow.py).
 """
 
 from __future__ import annotations
@@ -9,46 +9,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import snakemake
+from helpers import NUMERIC_COLUMNS, PNG_MAGIC, REQUIRED_COLUMNS
 
 from llmpipe import report
 from llmpipe.errors import IntegrityError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-# The columns the issue asks for (they must be present and, for a CPU run, finite; VRAM is
-# only measured on a GPU).
-REQUIRED = (
-    "model",
-    "variant",
-    "backend",
-    "size_bytes",
-    "bits_per_weight",
-    "load_s",
-    "prefill_tok_s",
-    "decode_tok_s",
-    "tokens_per_min",
-    "wall_s",
-    "ppl",
-    "ppl_ratio",
-    "kld_mean",
-    "same_top_pct",
-    "peak_rss_mb",
-    "peak_vram_mb",
-    "predicted_mem_mb",
-    "gb_disk_to_device",
-    "flops",
-    "achieved_gb_s",
-    "roofline_pct",
-)
-NUMERIC = [c for c in REQUIRED if c not in ("model", "variant", "backend", "peak_vram_mb")]
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "model_configs"
 
 
 def eval_record(model: str, variant: str, backend: str, **over) -> dict:
@@ -143,8 +113,8 @@ def test_summary_has_one_row_per_eval_json_with_sizes(tmp_path):
         assert r["predicted_mem_mb"] > 0 and r["predicted_request_mem_mb"] >= 1000
     text = report.to_csv(rows, report.SUMMARY_COLUMNS)
     parsed = list(csv.DictReader(text.splitlines()))
-    assert list(parsed[0])[: len(REQUIRED)] == list(REQUIRED)
-    assert all(math.isfinite(float(row[c])) for row in parsed for c in NUMERIC)
+    assert list(parsed[0])[: len(REQUIRED_COLUMNS)] == list(REQUIRED_COLUMNS)
+    assert all(math.isfinite(float(row[c])) for row in parsed for c in NUMERIC_COLUMNS)
 
 
 def test_missing_or_duplicate_expected_result_is_an_error(tmp_path):
@@ -247,68 +217,3 @@ def test_plots_are_png_and_loss_plot_only_with_a_loss_csv(tmp_path):
         "step",
         {"train": [(1.0, 2.5), (2.0, 2.0)], "heldout": [(2.0, 2.2)]},
     )
-
-
-# ---- the default run -----------------------------------------------------------------------
-
-
-def expected_combinations(run: Path) -> set[tuple[str, str, str]]:
-    """model x variant x backend that the run's config asks for."""
-    from llmpipe.finetune.settings import tuned_models
-
-    config = yaml.safe_load((run / "config" / "config.yaml").read_text())
-    reference = config["convert"]["outtype"].upper()
-    backends = config.get("evaluate", {}).get("backends", ["llama.cpp", "transformers"])
-    variants = {"llama.cpp": [reference, *config["quantize"]["types"]], "transformers": ["hf"]}
-    models = [*config["models"], *tuned_models(config)]  # <base>-ft: the fine-tuned ones
-    return {(m, v, b) for m in models for b in backends for v in variants[b]}
-
-
-@pytest.mark.workflow
-def test_summary_has_one_finite_row_per_expected_combination(default_run):
-    with open(default_run / "results" / "stats" / "summary.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    got = [(r["model"], r["variant"], r["backend"]) for r in rows]
-    assert len(got) == len(set(got))
-    assert set(got) == expected_combinations(default_run)
-    assert set(REQUIRED) <= set(rows[0])
-    for row in rows:
-        bad = [c for c in NUMERIC if not row[c] or not math.isfinite(float(row[c]))]
-        assert not bad, (row["variant"], row["backend"], bad)
-        assert row["device"] == "cpu" and row["git_commit"]
-
-
-@pytest.mark.workflow
-def test_summary_md_fills_in_the_seed_paragraph(default_run):
-    md = (default_run / "results" / "stats" / "summary.md").read_text()
-    assert "??" not in md
-    paragraphs = re.findall(r"The expected evaluation time of the example below is .*", md)
-    assert paragraphs, md[:2000]
-    for text in paragraphs:
-        assert "n/a" not in text, text
-        assert "from the disk to the CPU's memory (device: CPU" in text
-        numbers = re.findall(r"\d+\.\d+", text)
-        assert len(numbers) >= 8, text
-    assert "| Variant | Size (MiB) | BPW | PPL | PPL ratio | KLD mean | Same top % |" in md
-
-
-@pytest.mark.workflow
-def test_plots_are_real_pictures(default_run):
-    plots = default_run / "results" / "stats" / "plots"
-    names = {p.name for p in plots.glob("*.png")}
-    assert {"quality_vs_size.png", "tokens_per_s.png", "roofline.png", "resources.png"} <= names
-    for png in plots.glob("*.png"):
-        data = png.read_bytes()
-        assert data[:8] == PNG_MAGIC and len(data) > 10_000, png
-        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        assert width > 300 and height > 200
-
-
-@pytest.mark.workflow
-def test_html_report_builds(default_run, tmp_path):
-    html = tmp_path / "report.html"
-    snakemake(default_run, "--report", str(html))
-    text = html.read_text(errors="replace")
-    assert html.stat().st_size > 50_000
-    for name in ("summary.csv", "summary.md", "resources.csv", "quality_vs_size.png"):
-        assert name in text, name
