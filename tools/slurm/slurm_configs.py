@@ -87,9 +87,10 @@ PartitionName={cluster.gpu_partition} Nodes={cluster.hostname} MaxTime=INFINITE 
         f"File={cluster.gpu_device}\n"
     )
     # Not used by proctrack/linuxproc + task/none; written so no site cgroup.conf leaks in.
+    # (The state line lets remove_configs recognise this file as this cluster's.)
     cgroup_conf = (
-        f"{MARKER}\nCgroupAutomount=no\nConstrainCores=no\nConstrainRAMSpace=no\n"
-        "ConstrainDevices=no\n"
+        f"{MARKER}\n# state: {cluster.state_dir}\nCgroupAutomount=no\nConstrainCores=no\n"
+        "ConstrainRAMSpace=no\nConstrainDevices=no\n"
     )
     dbd_conf = f"""{MARKER}
 {auth}DbdHost={cluster.hostname}
