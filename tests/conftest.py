@@ -1,4 +1,13 @@
-"""Session fixtures: the default workflow is run once, for real, and shared by the tests."""
+"""The suite's layout, its order, and the default workflow run shared by the tests.
+
+Each test lives in the folder of what it needs: tests/unit (no service, no workflow run: plain
+library calls, seconds), tests/workflow (marker `workflow`: Snakemake runs, and the steps' real
+runs on tiny models: training, conversion) or tests/slurm (marker `slurm`: the local Slurm
+cluster, which tests/slurm/conftest.py starts).
+Collection fails when a test sits elsewhere or its markers contradict its folder. The session
+runs unit, then slurm, then workflow tests, and within a folder the modules with `slow` tests
+last, so quick failures show first.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +15,65 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import make_workdir, snakemake
-from slurm_cluster import slurm_cluster, slurm_session  # noqa: F401  (local Slurm cluster)
+from helpers import PLANTED_TOKEN, make_workdir, snakemake
+
+TESTS = Path(__file__).resolve().parent
+FOLDERS = ("unit", "slurm", "workflow")  # in the order the session runs them
+# The fixtures below run the workflow (or read its results): not for unit tests.
+RUN_FIXTURES = {"default_run", "smollm2_hf", "smollm2_gguf"}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _slurm_controller_for_the_session(request):
-    """Once the Slurm client is installed, every snakemake start asks scontrol (10 s timeout
-    without a controller): keep the local cluster up for the whole session where it can run."""
-    return request.getfixturevalue("slurm_session")
+def _folder(item: pytest.Item) -> str | None:
+    try:
+        return item.path.relative_to(TESTS).parts[0]
+    except ValueError:  # a test file given from outside tests/
+        return None
 
 
-PLANTED_TOKEN = "hf_PlantedSecretToken0123456789abcdefXYZ"
+def _layout_problem(item: pytest.Item, folder: str | None) -> str | None:
+    """Why this test is in the wrong folder (or carries the wrong marker), or None."""
+    markers = {mark.name for mark in item.iter_markers()}
+    if folder not in FOLDERS:
+        return "is not in tests/unit, tests/workflow or tests/slurm"
+    if folder == "unit" and (
+        markers & {"workflow", "slurm"} or RUN_FIXTURES & set(item.fixturenames)
+    ):
+        return "runs the workflow or needs the cluster: it belongs in tests/workflow or tests/slurm"
+    if folder == "workflow" and "workflow" not in markers:
+        return "is in tests/workflow without the `workflow` marker"
+    if folder == "workflow" and "slurm" in markers:
+        return "needs the Slurm cluster: it belongs in tests/slurm"
+    if folder == "slurm" and "slurm" not in markers:
+        return "is in tests/slurm without the `slurm` marker"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    folders = {item: _folder(item) for item in items}
+    problems = [
+        f"{item.nodeid}: {problem}"
+        for item in items
+        if folders[item] is not None and (problem := _layout_problem(item, folders[item]))
+    ]
+    if problems:
+        raise pytest.UsageError(
+            "tests in the wrong place (see tests/conftest.py):\n" + "\n".join(problems)
+        )
+    # Whole modules move, never single tests, so module-scoped fixtures are built once.
+    first: dict[Path, int] = {}
+    slow: set[Path] = set()
+    for index, item in enumerate(items):
+        first.setdefault(item.path, index)
+        if item.get_closest_marker("slow"):
+            slow.add(item.path)
+    rank = {name: i for i, name in enumerate(FOLDERS)}
+    items.sort(
+        key=lambda item: (
+            rank.get(folders[item], -1),
+            item.path in slow,
+            first[item.path],
+        )
+    )
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,39 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Every job of the default run sees this hub token; test_security checks it is never written.
+PLANTED_TOKEN = "hf_PlantedSecretToken0123456789abcdefXYZ"
+
+# What aggregate_stats writes (tests/unit/test_report.py, tests/workflow/test_report_workflow.py):
+# PNG plots, and the summary columns the issue asks for (present and, for a CPU run, finite; VRAM
+# is only measured on a GPU).
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REQUIRED_COLUMNS = (
+    "model",
+    "variant",
+    "backend",
+    "size_bytes",
+    "bits_per_weight",
+    "load_s",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "tokens_per_min",
+    "wall_s",
+    "ppl",
+    "ppl_ratio",
+    "kld_mean",
+    "same_top_pct",
+    "peak_rss_mb",
+    "peak_vram_mb",
+    "predicted_mem_mb",
+    "gb_disk_to_device",
+    "flops",
+    "achieved_gb_s",
+    "roofline_pct",
+)
+NUMERIC_COLUMNS = [
+    c for c in REQUIRED_COLUMNS if c not in ("model", "variant", "backend", "peak_vram_mb")
+]
 
 
 def make_workdir(workdir: Path, config: dict | None = None) -> Path:
@@ -125,3 +158,97 @@ def copy_run(src: Path, dest: Path) -> Path:
     )
     shutil.copytree(src / "results", dest / "results", symlinks=True, copy_function=os.link)
     return dest
+
+
+def make_hub_mirror(root: Path, repo_id: str, src: Path, commit: str = "a" * 40) -> Path:
+    """A local mirror in the Hugging Face cache layout (models--org--name/snapshots/<rev>)."""
+    repo_dir = root / f"models--{repo_id.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / commit
+    shutil.copytree(src, snap)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return root
+
+
+# SmolLM2's chat template (ChatML), for the tiny chat model below.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
+    """Random-init Llama (2 layers, hidden 64) + byte-level BPE trained on the task's text,
+    with a ChatML template like SmolLM2's: a complete HF folder in a few seconds."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from llmpipe.finetune import tasks
+
+    train, heldout = tasks.generate("reverse_words", 400, 50, seed=99)
+    corpus = [r["instruction"] + " " + r["response"] for r in train + heldout]
+    corpus += ["system user assistant You are a helpful AI assistant"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+        # Wide enough embeddings that a normed hidden state can make confident logits: with
+        # the default 0.02 the output stays near-uniform whatever the adapters learn.
+        initializer_range=0.2,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def make_finetune_inputs(root: Path) -> dict[str, Path]:
+    """A tiny chat model folder with a manifest, and the default fine-tune task's data."""
+    from llmpipe import atomic, manifest
+    from llmpipe.finetune import dataset as ds
+    from llmpipe.finetune import settings as ft
+
+    hf = make_tiny_chat_model(root / "hf")
+    files = manifest.build(hf)
+    atomic.write_json(root / "manifest.json", {**files, "fingerprint": manifest.fingerprint(files)})
+    settings = {**ft.Settings().group(ft.DATA), "task_train_examples": 128}
+    ds.prepare(settings, root / "train.jsonl", root / "heldout.jsonl")
+    return {"hf": hf, "manifest": root / "manifest.json", "train": root / "train.jsonl",
+            "heldout": root / "heldout.jsonl"}  # fmt: skip
+
+
+def markdown_rows(md: str, *header: str) -> list[list[str]]:
+    """The cells of the first pipe table whose header starts with ``header``."""
+    lines = md.splitlines() + [""]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    start = next(i for i, row in enumerate(cells) if tuple(row[: len(header)]) == header)
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return cells[start:end]

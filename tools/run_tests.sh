@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test suite (called by `make test` after setup). On a machine where we are root and apt
-# works (CI), the Slurm packages are installed first so that the Slurm tests run against a real
-# local cluster the session starts; elsewhere those tests skip and say why.
+# The test suite (called by `make test` after setup): tests/unit, tests/slurm, tests/workflow
+# (pyproject.toml's testpaths). On a machine where we are root and apt works (CI), the Slurm
+# packages are installed first so that tests/slurm run against a real local cluster, which the
+# session starts for them only; elsewhere those tests skip and say why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"

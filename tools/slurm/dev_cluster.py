@@ -4,8 +4,8 @@
     sudo python3 tools/slurm/dev_cluster.py up      # install packages if needed, start (~10 s)
     sudo python3 tools/slurm/dev_cluster.py down    # stop every daemon, remove its configs
 
-It is the test suite's cluster (tests/slurm_cluster.py), with state in /tmp/llmpipe-slurm-dev,
-left running after `up` returns.
+It is the Slurm tests' cluster (slurm_cluster.py beside this file), with state in
+/tmp/llmpipe-slurm-dev, left running after `up` returns.
 
 Config location: by default the configs go to /etc/slurm, the path every Slurm client reads
 when SLURM_CONF is unset. That matters because the Snakemake Slurm plugin, the sbatch it runs
@@ -28,19 +28,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-
-from slurm_cluster import (  # noqa: E402
-    INSTALL_SCRIPT,
-    MARKER,
-    STATE_MARKER,
-    LocalSlurmCluster,
-    SlurmClusterError,
-)
+from slurm_client import SlurmClusterError
+from slurm_cluster import STATE_MARKER, LocalSlurmCluster
+from slurm_configs import MARKER, SYSTEM_CONF_DIR
+from slurm_setup import INSTALL_SCRIPT
 
 DEFAULT_STATE = Path("/tmp/llmpipe-slurm-dev")  # noqa: S108 - the documented dev location
-SYSTEM_CONF_DIR = Path("/etc/slurm")
 
 
 def _cluster(args: argparse.Namespace) -> LocalSlurmCluster:

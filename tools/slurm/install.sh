@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages behind the local test Slurm cluster (tests/slurm_cluster.py).
+# Install the Debian packages behind the local test Slurm cluster (slurm_cluster.py beside this).
 #
 # Idempotent: when every package is already installed it only says so and exits (well under a
 # second). Needs root and apt (Debian/Ubuntu). Exit codes: 0 ok, 2 cannot install here (not root,

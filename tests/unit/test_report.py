@@ -1,8 +1,8 @@
-"""aggregate_stats: the summary table, the filled-in recipe paragraph, plots and the HTML report.
+"""aggregate_stats: the summary table, the filled-in recipe paragraph, plots and resources.
 
-Unit tests run the real collect/tables/plots code on a results/ tree whose records have the
-shape their producers write (the model manifest is written by the producer's own function);
-the workflow tests read the default run's results/stats and build `snakemake --report` from it.
+The real collect/tables/plots code on a results/ tree whose records have the shape their
+producers write (the model manifest is written by the producer's own function); the default
+run's results/stats and `snakemake --report`: tests/workflow/test_report_workflow.py.
 """
 
 from __future__ import annotations
@@ -16,42 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from helpers import snakemake
+from helpers import NUMERIC_COLUMNS, PNG_MAGIC, REQUIRED_COLUMNS, markdown_rows
 from safetensors.numpy import save_file
 
 from llmpipe import manifest
 from llmpipe.errors import IntegrityError
 from llmpipe.report import aggregate, collect, summary, tables
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-# The columns the issue asks for (they must be present and, for a CPU run, finite; VRAM is
-# only measured on a GPU).
-REQUIRED = (
-    "model",
-    "variant",
-    "backend",
-    "size_bytes",
-    "bits_per_weight",
-    "load_s",
-    "prefill_tok_s",
-    "decode_tok_s",
-    "tokens_per_min",
-    "wall_s",
-    "ppl",
-    "ppl_ratio",
-    "kld_mean",
-    "same_top_pct",
-    "peak_rss_mb",
-    "peak_vram_mb",
-    "predicted_mem_mb",
-    "gb_disk_to_device",
-    "flops",
-    "achieved_gb_s",
-    "roofline_pct",
-)
-NUMERIC = [c for c in REQUIRED if c not in ("model", "variant", "backend", "peak_vram_mb")]
 BENCHMARK = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 GGUF_SIZES = {"F16": 270_885_760, "Q8_0": 144_810_880, "Q4_K_M": 105_453_952}
 N_PARAMS = 134_515_008
@@ -240,8 +211,8 @@ def test_summary_has_one_row_per_eval_json_with_the_weights_of_its_record(tmp_pa
     tables.write_csv(table, tables.SUMMARY_COLUMNS, out)
     parsed = list(csv.DictReader(out.read_text().splitlines()))
     assert list(parsed[0]) == list(tables.SUMMARY_COLUMNS)
-    assert list(parsed[0])[: len(REQUIRED)] == list(REQUIRED)
-    assert all(math.isfinite(float(row[c])) for row in parsed for c in NUMERIC)
+    assert list(parsed[0])[: len(REQUIRED_COLUMNS)] == list(REQUIRED_COLUMNS)
+    assert all(math.isfinite(float(row[c])) for row in parsed for c in NUMERIC_COLUMNS)
     # one type per column: integers as integers, other numbers with 6 significant digits
     assert parsed[2]["size_bytes"] == "105453952" and parsed[2]["flops"] == "1.2e+11"
     assert parsed[0]["peak_vram_mb"] == "" and parsed[0]["eval_json"] == run["eval_jsons"][0]
@@ -284,15 +255,6 @@ def test_seed_paragraph_has_every_figure_filled_in(tmp_path):
     assert "0.270 GB is transferred from the disk to the CPU's memory (device: CPU" in text
     assert "120 G (float32, weights F16) operations" in text
     assert "100.00 GB at an average rate of 30.00 GB/s and a peak of 35.00 GB/s" in text
-
-
-def markdown_rows(md: str, *header: str) -> list[list[str]]:
-    """The cells of the first pipe table whose header starts with ``header``."""
-    lines = md.splitlines() + [""]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    start = next(i for i, row in enumerate(cells) if tuple(row[: len(header)]) == header)
-    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
-    return cells[start:end]
 
 
 def test_markdown_tables_in_llama_cpp_style(tmp_path):
@@ -415,69 +377,3 @@ def test_loss_curves_in_wide_and_long_format(tmp_path):
         "step",
         {"train": [(1.0, 2.5), (2.0, 2.0)], "heldout": [(2.0, 2.2)]},
     )
-
-
-# ---- the default run -----------------------------------------------------------------------
-
-
-def expected_combinations(run: Path) -> set[tuple[str, str, str]]:
-    """model x variant x backend that the run's config asks for."""
-    from llmpipe.finetune.settings import tuned_models
-
-    config = yaml.safe_load((run / "config" / "config.yaml").read_text())
-    reference = config["convert"]["outtype"].upper()
-    backends = config.get("evaluate", {}).get("backends", ["llama.cpp", "transformers"])
-    variants = {"llama.cpp": [reference, *config["quantize"]["types"]], "transformers": ["hf"]}
-    models = [*config["models"], *tuned_models(config)]  # <base>-ft: the fine-tuned ones
-    return {(m, v, b) for m in models for b in backends for v in variants[b]}
-
-
-@pytest.mark.workflow
-def test_summary_has_one_finite_row_per_expected_combination(default_run):
-    with open(default_run / "results" / "stats" / "summary.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    got = [(r["model"], r["variant"], r["backend"]) for r in rows]
-    assert len(got) == len(set(got))
-    assert set(got) == expected_combinations(default_run)
-    assert set(REQUIRED) <= set(rows[0])
-    for row in rows:
-        bad = [c for c in NUMERIC if not row[c] or not math.isfinite(float(row[c]))]
-        assert not bad, (row["variant"], row["backend"], bad)
-        assert row["device"] == "cpu" and row["git_commit"]
-
-
-@pytest.mark.workflow
-def test_summary_md_fills_in_the_seed_paragraph(default_run):
-    md = (default_run / "results" / "stats" / "summary.md").read_text()
-    assert "??" not in md
-    paragraphs = re.findall(r"The expected evaluation time of the example below is .*", md)
-    assert paragraphs, md[:2000]
-    for text in paragraphs:
-        assert "n/a" not in text, text
-        assert "from the disk to the CPU's memory (device: CPU" in text
-        numbers = re.findall(r"\d+\.\d+", text)
-        assert len(numbers) >= 8, text
-    header = markdown_rows(md, "Variant", "Size (MiB)")[0]
-    assert header == ["Variant", "Size (MiB)", "BPW", "PPL", "PPL ratio", "KLD mean", "Same top %"]
-
-
-@pytest.mark.workflow
-def test_plots_are_real_pictures(default_run):
-    plots = default_run / "results" / "stats" / "plots"
-    names = {p.name for p in plots.glob("*.png")}
-    assert {"quality_vs_size.png", "tokens_per_s.png", "roofline.png", "resources.png"} <= names
-    for png in plots.glob("*.png"):
-        data = png.read_bytes()
-        assert data[:8] == PNG_MAGIC and len(data) > 10_000, png
-        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        assert width > 300 and height > 200
-
-
-@pytest.mark.workflow
-def test_html_report_builds(default_run, tmp_path):
-    html = tmp_path / "report.html"
-    snakemake(default_run, "--report", str(html))
-    text = html.read_text(errors="replace")
-    assert html.stat().st_size > 50_000
-    for name in ("summary.csv", "summary.md", "resources.csv", "quality_vs_size.png"):
-        assert name in text, name

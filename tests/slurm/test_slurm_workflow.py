@@ -22,7 +22,7 @@ GGUF_TARGETS = [f"results/gguf/smollm2/smollm2-{v}.json" for v in ("F16", "Q8_0"
 
 @pytest.fixture
 def cluster(slurm_cluster):
-    """The session's cluster, provided jobs can reach it with srun (see slurm_session)."""
+    """The session's cluster, provided jobs can reach it with srun (see conftest.py)."""
     if not slurm_cluster.jobs_see_config:
         msg = "another local Slurm cluster owns /etc/slurm/slurm.conf: jobs cannot reach ours"
         if os.environ.get("LLMPIPE_REQUIRE_SLURM") == "1":

@@ -8,10 +8,10 @@ import copy
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 from llmpipe import config as cfg
 from llmpipe import resources as res
@@ -21,9 +21,9 @@ from llmpipe.estimate.hardware import bandwidth_table, gpu, planned_cpu, planned
 from llmpipe.estimate.types import host_estimate
 from llmpipe.evaluation.bandwidth import table_bandwidth
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
-FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
+FIXTURES = REPO / "tests" / "fixtures" / "model_configs"
 
 
 def default_config() -> dict:

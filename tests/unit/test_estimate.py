@@ -19,7 +19,7 @@ from llmpipe import estimate as est
 from llmpipe.errors import ConfigError, ResourceError
 from llmpipe.estimate import MIB, V100, ModelShape, gpus_needed, weights_bytes
 
-FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "model_configs"
 MODELS = ["llama-2-7b", "llama-2-13b", "mistral-7b-v0.1", "falcon-7b", "smollm2-135m"]
 USABLE_MB = 32768 * 0.9  # 29491.2
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import make_tiny_hf
+from helpers import make_hub_mirror, make_tiny_hf
 
 from llmpipe import manifest
 from llmpipe.errors import SourceError
@@ -97,16 +97,6 @@ def test_missing_shard_is_named(tiny_hf, tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(SourceError, match="model-00001-of-00002.safetensors"):
         check_hf_folder(folder)
-
-
-def make_hub_mirror(root: Path, repo_id: str, src: Path, commit: str = "a" * 40) -> Path:
-    """A local mirror in the Hugging Face cache layout (models--org--name/snapshots/<rev>)."""
-    repo_dir = root / f"models--{repo_id.replace('/', '--')}"
-    snap = repo_dir / "snapshots" / commit
-    shutil.copytree(src, snap)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    return root
 
 
 def test_hub_source_from_a_local_mirror_offline(tiny_hf, tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from llmpipe.errors import ConfigError
 from llmpipe.estimate import (
@@ -19,7 +19,7 @@ from llmpipe.estimate import (
     weights_bytes,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
+FIXTURES = REPO / "tests" / "fixtures" / "model_configs"
 
 
 def shape(name: str) -> ModelShape:

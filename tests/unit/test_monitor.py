@@ -1,4 +1,4 @@
-"""The resource sampler: the peaks it reports are real (GPU checks: tests/test_hardware.py)."""
+"""The resource sampler: the peaks it reports are real (GPU checks: tests/unit/test_hardware.py)."""
 
 from __future__ import annotations
 

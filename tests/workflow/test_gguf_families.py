@@ -22,6 +22,8 @@ from llmpipe.evaluation import llama_backend as lb
 from llmpipe.evaluation import metrics
 from llmpipe.gguf import convert_hf_to_gguf, gguf_info, quantize_gguf
 
+pytestmark = pytest.mark.workflow  # our convert and quantize steps, for real, per family
+
 CONVERTIBLE = [f for f in FAMILIES if f != "falcon-rw-1b"]
 N_TOKENS = 128  # positions compared; the tiny models' context is larger
 RTOL = 1e-3  # max |llama.cpp - transformers| / max |logit|, F32 weights and KV cache

@@ -6,9 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import PLANTED_TOKEN
-from helpers import make_tiny_hf, make_workdir, snakemake
-from test_fetch import make_hub_mirror
+from helpers import PLANTED_TOKEN, make_hub_mirror, make_tiny_hf, make_workdir, snakemake
 
 pytestmark = pytest.mark.workflow
 

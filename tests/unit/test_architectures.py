@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from helpers import REPO, default_config, make_tiny_hf, make_workdir, parse_job_stats, snakemake
+from helpers import REPO
 
 from llmpipe import architectures as arch
 from llmpipe.fetch import check_hf_folder, fetch_model, needs_remote_code
 
 FIXTURES = REPO / "tests" / "fixtures" / "model_configs"
-fault = pytest.mark.fault
 
 
 def fixture(name: str) -> dict:
@@ -150,25 +148,3 @@ def test_an_older_form_falcon_is_downloaded_as_the_built_in_one(tmp_path):
     check_hf_folder(tmp_path / "hf")  # no remote code needed
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     assert type(model).__name__ == "FalconForCausalLM"
-
-
-@fault(
-    "an architecture llama.cpp cannot run (planned around, with the reason)",
-    "acme: GGUF steps not converted: architecture AcmeForCausalLM is not one of the",
-)
-def test_unsupported_architecture_is_planned_transformers_only(tmp_path):
-    hf = make_tiny_hf(tmp_path / "scratch" / "acme")
-    config = json.loads((hf / "config.json").read_text())
-    config["architectures"] = ["AcmeForCausalLM"]
-    (hf / "config.json").write_text(json.dumps(config))
-    cfg = default_config()
-    cfg["models"] = {"acme": {"source": "dir", "path": str(hf)}}
-    cfg["finetune"] = {"enabled_for": [], "defaults": {}, "models": {}}
-    workdir = make_workdir(tmp_path / "run", cfg)
-    done = snakemake(workdir, "-n")
-    out = done.stdout + done.stderr
-    assert "acme: GGUF steps not converted: architecture AcmeForCausalLM is not one of the" in out
-    jobs = parse_job_stats(out)
-    assert "convert_to_gguf" not in jobs and "quantize" not in jobs
-    assert jobs["evaluate"] == 1 and jobs["aggregate_stats"] == 1  # the transformers evaluation
-    shutil.rmtree(workdir)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 from llmpipe import config as cfg
 from llmpipe import planning
 from llmpipe.errors import ResourceError
 from llmpipe.finetune import settings as ft
 
-REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 FIXTURES = REPO / "tests" / "fixtures" / "model_configs"
 

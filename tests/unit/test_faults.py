@@ -2,7 +2,8 @@
 
 Every test here carries ``@pytest.mark.fault(case, message)``; ``docs/faults.md`` is generated
 from these markers and checked by ``test_catalogue_is_up_to_date`` (rewrite it with
-``LLMPIPE_WRITE_CATALOGUE=1 pytest tests/test_faults.py -k catalogue``).
+``LLMPIPE_WRITE_CATALOGUE=1 pytest tests/unit/test_faults.py -k catalogue``); the cases only a
+workflow run shows are in tests/workflow/test_faults_workflow.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, default_config, make_tiny_hf, make_workdir, snakemake
+from helpers import REPO, default_config, make_tiny_hf
 
 from llmpipe import atomic, hardware, manifest
 from llmpipe import config as cfg
@@ -155,14 +156,6 @@ def test_truncated_gguf(tiny_gguf, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(IntegrityError, match="cut.gguf: .*truncated"):
         gguf_info(cut)
-
-
-@fault("an empty prompts file", "has no prompts")
-def test_empty_prompts(tmp_path):
-    workdir = make_workdir(tmp_path / "w")
-    (workdir / "config" / "prompts.txt").write_text("\n  \n")
-    done = snakemake(workdir, "-n", check=False)
-    assert done.returncode != 0 and "has no prompts" in done.stdout + done.stderr
 
 
 @fault("a RAM disk without room", "stage.root: ... GB free, staging needs")
@@ -342,7 +335,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 def collect_catalogue() -> list[tuple[str, str, str]]:
     rows = []
-    for path in sorted((REPO / "tests").glob("test_*.py")):
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if not isinstance(node, ast.FunctionDef):
@@ -357,7 +350,8 @@ def collect_catalogue() -> list[tuple[str, str, str]]:
                     )
                 ):
                     case, message = (ast.literal_eval(a) for a in deco.args[:2])
-                    rows.append((case, message, f"{path.name}::{node.name}"))
+                    test = f"{path.relative_to(REPO / 'tests')}::{node.name}"
+                    rows.append((case, message, test))
     return rows
 
 
@@ -367,7 +361,8 @@ def render_catalogue(rows) -> str:
         "",
         "Each row is backed by the test named in it; every case ends in one clear error naming",
         "the key or file and what was expected, and leaves no output under its final name.",
-        "Generated from the `@pytest.mark.fault` markers in `tests/` (see tests/test_faults.py).",
+        "Generated from the `@pytest.mark.fault` markers in `tests/`"
+        " (see tests/unit/test_faults.py).",
         "",
         "| # | case | message (excerpt) | test |",
         "|---|---|---|---|",
@@ -402,15 +397,3 @@ def test_malformed_jsonl_line(tmp_path):
     data.write_text('{"instruction": "a"}\n')
     with pytest.raises(SourceError, match=r"train.jsonl:1: 'response' missing or empty"):
         read_jsonl(data)
-
-
-@pytest.mark.workflow
-@fault("a prompt longer than the context", "prompt 1 has … tokens, more than …n_ctx=256 allows")
-def test_prompt_longer_than_context(smollm2_gguf):
-    from llmpipe.evaluation.llama_backend import LlamaSettings, generate, load
-    from llmpipe.evaluation.records import Sampling
-
-    llm = load(str(smollm2_gguf("Q4_K_M")), LlamaSettings(n_ctx=64, n_threads=2))
-    # llama.cpp rounds the context up to a multiple of 256
-    with pytest.raises(ConfigError, match=r"prompt 1 has \d+ tokens, more than .*n_ctx=256"):
-        generate(llm, [(0, "word " * 600)], Sampling(max_new_tokens=4))
