@@ -30,14 +30,35 @@ EVAL_KINDS = ("shard", "reference", "quality")
 BYTES_PER_TOKEN = 4
 
 
+# Rule -> the output that is its job's record, for the jobs whose records the report reads (the
+# generation shards, evaluate_shard, are read through the eval JSON: its most memory-hungry one).
+RECORD_OUTPUTS = {
+    "download": "manifest",
+    "merge_lora": "manifest",
+    "cache_to_shm": "record",
+    "convert_to_gguf": "record",
+    "quantize": "record",
+    "imatrix": "record",
+    "evaluate_reference": "result",
+    "evaluate_quality": "result",
+    "finetune": "metrics",
+    "compare_finetune": "record",
+}
+
+
 class StatsJob(NamedTuple):
     """One job whose record the report reads: its rule, the model and target (variant) of its
-    row, and the wildcards that name its files (rules.<rule>.output in report.smk)."""
+    row, and the wildcards that name its files (rules.<rule>.output in common.smk)."""
 
     rule: str
     model: str
     target: str
     wildcards: dict[str, str]
+
+    @property
+    def record_output(self) -> str:
+        """The name of the rule's output that is this job's record."""
+        return RECORD_OUTPUTS[self.rule]
 
 
 class RunPlan:

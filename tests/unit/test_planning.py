@@ -66,6 +66,7 @@ def test_stats_jobs_name_each_job_once_and_only_real_quality_jobs(default_config
     jobs = plan.stats_jobs()
     keys = [(j.rule, j.model, j.target) for j in jobs]
     assert len(keys) == len(set(keys))
+    assert {j.record_output for j in jobs} <= {"manifest", "record", "result", "metrics"}
     assert ("evaluate_quality", "smollm2", "Q8_0-llama.cpp") in keys
     # the references' quality is their own perplexity job, never a quality job
     assert ("evaluate_quality", "smollm2", "F16-llama.cpp") not in keys

@@ -168,6 +168,48 @@ def get_modules(kind):
     return PLAN.modules(kind)
 
 
+# ---- aggregate_stats (workflow/rules/report.smk) ------------------------------------------
+# The report reads records only: every file it reads is an input, named by the rule that writes
+# it (rules.<rule>.output / .benchmark), with the identity of its job in params.jobs.
+def _stats_files(job):
+    """(record, benchmark) of a job, from its rule's declared output and benchmark."""
+    proxy = getattr(rules, job.rule)
+    record = getattr(proxy.output, job.record_output)
+    return record.format(**job.wildcards), proxy.benchmark.format(**job.wildcards)
+
+
+def get_stats_eval_jsons(wildcards):
+    """Every evaluation's JSON: the summary has one row per expected combination."""
+    return [
+        rules.evaluate.output.result.format(model=m, variant=v, backend=b)
+        for m, v, b in PLAN.eval_jsons()
+    ]
+
+
+def get_stats_weights(wildcards):
+    """What each evaluation loaded, by its record: the GGUF's, or the model folder's manifest."""
+    return [_stats_files(job)[0] for job in PLAN.weights_jobs()]
+
+
+def get_stats_records(wildcards):
+    return [_stats_files(job)[0] for job in PLAN.stats_jobs()]
+
+
+def get_stats_benchmarks(wildcards):
+    return [_stats_files(job)[1] for job in PLAN.stats_jobs()]
+
+
+def get_stats_job_ids(wildcards):
+    return [[job.rule, job.model, job.target] for job in PLAN.stats_jobs()]
+
+
+def get_stats_loss_csvs(wildcards):
+    """The fine-tune loss curve of each fine-tuned base model (params.loss_models)."""
+    return [
+        rules.finetune.output.loss.format(model=base) for base in PLAN.finetune_bases
+    ]
+
+
 # ---- Estimates and resources ---------------------------------------------------------------
 # Each job's mem_mb, runtime and GPUs come from the estimator (llmpipe.resources ->
 # llmpipe.estimate), evaluated when the job is ready to run, from the model's config.json:

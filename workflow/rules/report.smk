@@ -2,62 +2,7 @@
 # (results/stats/summary.csv), one page (summary.md: the seed's "??" figures filled in, the
 # quality table), the resources predicted vs measured (resources.csv) and plots. Bookkeeping on
 # the head node: `snakemake --report report.html` then shows them.
-#
-# The report reads records only: every file it reads is an input below, named by the rule that
-# writes it (rules.<rule>.output / .benchmark), with the identity of its job in params.jobs.
-# The job records the report reads: rule -> the output that is its record (the eval JSONs'
-# own jobs, evaluate_shard, are read through the eval JSON: its most memory-hungry shard).
-STATS_RECORD_OUTPUT = {
-    "download": "manifest",
-    "merge_lora": "manifest",
-    "cache_to_shm": "record",
-    "convert_to_gguf": "record",
-    "quantize": "record",
-    "imatrix": "record",
-    "evaluate_reference": "result",
-    "evaluate_quality": "result",
-    "finetune": "metrics",
-    "compare_finetune": "record",
-}
-
-
-def _stats_files(job):
-    """(record, benchmark) of a job, from its rule's declared output and benchmark."""
-    proxy = getattr(rules, job.rule)
-    record = getattr(proxy.output, STATS_RECORD_OUTPUT[job.rule])
-    return record.format(**job.wildcards), proxy.benchmark.format(**job.wildcards)
-
-
-def get_stats_eval_jsons(wildcards):
-    """Every evaluation's JSON: the summary has one row per expected combination."""
-    return [
-        rules.evaluate.output.result.format(model=m, variant=v, backend=b)
-        for m, v, b in PLAN.eval_jsons()
-    ]
-
-
-def get_stats_weights(wildcards):
-    """What each evaluation loaded, by its record: the GGUF's, or the model folder's manifest."""
-    return [_stats_files(job)[0] for job in PLAN.weights_jobs()]
-
-
-def get_stats_records(wildcards):
-    return [_stats_files(job)[0] for job in PLAN.stats_jobs()]
-
-
-def get_stats_benchmarks(wildcards):
-    return [_stats_files(job)[1] for job in PLAN.stats_jobs()]
-
-
-def get_stats_job_ids(wildcards):
-    return [[job.rule, job.model, job.target] for job in PLAN.stats_jobs()]
-
-
-def get_stats_loss_csvs(wildcards):
-    """The fine-tune loss curve of each fine-tuned base model (params.loss_models)."""
-    return [
-        rules.finetune.output.loss.format(model=base) for base in PLAN.finetune_bases
-    ]
+# It reads records only: every file is a named input (common.smk, "aggregate_stats").
 
 
 rule aggregate_stats:
