@@ -27,29 +27,23 @@ GPU, DDP over GPUs (or CPU processes, gloo) or FSDP, under torchrun (``launch``)
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
 import json
 import math
 import os
-import re
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from llmpipe import atomic, provenance
+from llmpipe import atomic
 from llmpipe.errors import PipelineError, ResourceError
 from llmpipe.finetune import dataset as ds
+from llmpipe.finetune.checkpoints import MARKER, checkpoint_step, fingerprint, resumable
+from llmpipe.finetune.outputs import build_metrics, loss_rows, write_loss_csv
 from llmpipe.finetune.settings import Settings, from_dict, target_modules
 
-LOSS_FIELDS = ("step", "epoch", "split", "loss", "tokens", "seconds")
 COUNTS = ("tokens", "scored_tokens", "square_tokens")  # totals in every log entry
-MARKER = "llmpipe.json"  # in a checkpoint folder: complete, and made with this fingerprint
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def log(message: str) -> None:
@@ -176,39 +170,6 @@ def decoder_layer_classes(peft_model) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Checkpoints: Trainer's, marked complete with the run's fingerprint
 # --------------------------------------------------------------------------------------------
-
-
-def fingerprint(parts: dict[str, Any]) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Trainer's checkpoint folders in ``folder``, oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = _CHECKPOINT.fullmatch(path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def resumable(folder: str | os.PathLike, fp: str, prune: bool = False) -> Path | None:
-    """The newest complete checkpoint made with fingerprint ``fp`` (None: start at step 0).
-    With ``prune``, remove the others: incomplete ones (killed while Trainer wrote them) and
-    those of other settings, data or base model."""
-    newest = None
-    for _, path in reversed(checkpoints(folder)):
-        marker = path / MARKER
-        mine = marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp
-        if mine and newest is None:
-            newest = path
-        elif not mine and prune:
-            shutil.rmtree(path, ignore_errors=True)
-    return newest
 
 
 def _callbacks(fp: str, total_steps: int, log_every: int):
@@ -527,7 +488,7 @@ def _train(spec: dict, s: Settings, device: str, precision: str) -> dict:
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if world > 1:  # what accelerate actually did
         strategy = "fsdp" if trainer.is_fsdp_enabled else "ddp"
-    first_step = int(_CHECKPOINT.fullmatch(resume.name).group(1)) if resume else 0
+    first_step = checkpoint_step(resume) if resume else 0
 
     state = _adapter_state(trainer, strategy)  # collective under FSDP
     peaks = torch.tensor(
@@ -589,83 +550,6 @@ def save_adapter(peft_model, state: dict | None, out_dir: str, tokenizer, own_te
         peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if not own_template:  # the merged model and the GGUF get the template trained with
             tokenizer.save_pretrained(tmp)
-
-
-def loss_rows(history: list[dict], steps_per_epoch: int) -> list[dict]:
-    """The loss curve from Trainer's log history: one train row per step, held-out rows."""
-    rows = []
-    for h in history:
-        for key, split in (("loss", "train"), ("eval_loss", "heldout")):
-            if key in h:
-                rows.append(
-                    {
-                        "step": h["step"],
-                        "epoch": round(h["step"] / steps_per_epoch, 4),
-                        "split": split,
-                        "loss": round(h[key], 6),
-                        "tokens": h.get("tokens", 0),
-                        "seconds": h.get("train_seconds", 0.0),
-                    }
-                )
-    return rows
-
-
-def write_loss_csv(path: str, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOSS_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic.write_text(path, buf.getvalue())
-
-
-def build_metrics(facts: dict, base_hf: str, s: Settings, history: list[dict], n_lora: int):
-    """The run's figures: throughput, memory (in ``facts``), FLOPs, losses, provenance."""
-    from llmpipe.estimate import ModelShape
-    from llmpipe.finetune import flops
-
-    last = [h for h in history if "train_seconds" in h][-1]
-    tokens, scored = int(last["tokens"]), int(last["scored_tokens"])
-    seconds, cpu_seconds = last["train_seconds"], last.get("train_cpu_seconds", 0.0)
-    shape = ModelShape.from_config(Path(base_hf) / "config.json")
-    counts = flops.FlopCounts.of(shape, n_lora)
-    mean_seq = last["square_tokens"] / max(tokens, 1)  # token-weighted sequence length
-    lora = flops.lora_flops(counts, tokens, scored, mean_seq, s.gradient_checkpointing)
-    full = flops.full_flops(counts, tokens, mean_seq)
-    heldout = [h["eval_loss"] for h in history if "eval_loss" in h]
-    train_losses = [h["loss"] for h in history if "loss" in h]
-    return {
-        **facts,
-        "examples_seen": facts["steps"] * s.batch_size * s.grad_accum * facts["processes"],
-        "tokens": tokens,
-        "scored_tokens": scored,
-        "train_seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / max(seconds, 1e-9), 2),
-        # CPU time of process 0 only (a shared machine's load barely changes it):
-        "train_cpu_seconds": round(cpu_seconds, 3),
-        "tokens_per_cpu_s": round(tokens / facts["processes"] / max(cpu_seconds, 1e-9), 2),
-        "trainable_params": n_lora,
-        "base_params": shape.n_params,
-        "flops": {
-            "total": lora,
-            "per_token": lora / max(tokens, 1),
-            "full_finetune_equivalent": full,
-            "lora_over_full": round(lora / full, 4) if full else None,
-            "achieved_per_s": lora / max(seconds, 1e-9),
-            "formula": "llmpipe.finetune.flops (LoRA: 4 N_body + 6 N_lora per token, "
-            "4 N_head per scored token, + attention; full: 6 N per token)",
-            "n_body": counts.body,
-            "n_head": counts.head,
-            "n_lora": counts.lora,
-            "mean_sequence_tokens": round(mean_seq, 2),
-        },
-        "loss": {
-            "heldout_first": heldout[0] if heldout else None,
-            "heldout_last": heldout[-1] if heldout else None,
-            "train_first": train_losses[0] if train_losses else None,
-            "train_last": train_losses[-1] if train_losses else None,
-        },
-        "provenance": provenance.collect(seed=s.seed),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
