@@ -600,10 +600,17 @@ def get_compare_gpus(wildcards):
 
 # ---- Slurm placement and environment modules (profiles/slurm) ----------------------------------
 def get_modules(kind):
-    """Environment modules of a rule: the Python stack, plus llama.cpp's for llama.cpp rules."""
+    """Environment modules of a rule of ``kind``, a key of config `envmodules`: the Python
+    stack (`transformers`) for every rule, plus `llama_cpp`'s for the llama.cpp rules.
+    """
+    if kind not in config["envmodules"]:
+        raise ValueError(
+            f"get_modules: '{kind}' is no key of config envmodules "
+            f"({', '.join(config['envmodules'])})"
+        )
     modules = list(config["envmodules"]["transformers"])
-    if kind == "llama_cpp":
-        modules += config["envmodules"]["llama_cpp"]
+    if kind != "transformers":
+        modules += config["envmodules"][kind]
     return modules
 
 
