@@ -1,12 +1,12 @@
 """The transformers backend: one model load, every prompt of the job through ``model.generate``.
 
-Not the seed's loop (model moved to the device and one prompt generated per iteration): prompts
-are sorted by length and generated ``batch_size`` at a time by transformers' own ``generate``
-(left padding, attention masks, the model's own forward and cache), with the sampling settings
-from config. On CUDA: fp16 (V100 has no bf16) and ``cache_implementation="static"``, so that
-transformers may compile the decode step (``evaluate.transformers.compile``, off by default);
-a model the estimator does not fit on one GPU is loaded with ``device_map="auto"`` across the
-GPUs the job was granted. On the CPU: fp32 and transformers' dynamic cache.
+Prompts are sorted by length and generated ``batch_size`` at a time by transformers' own
+``generate`` (left padding, attention masks, the model's own forward and cache), with the
+sampling settings from config. On CUDA: fp16 (V100 has no bf16) and
+``cache_implementation="static"``, so that transformers may compile the decode step
+(``evaluate.transformers.compile``, off by default); a model the estimator does not fit on one
+GPU is loaded with ``device_map="auto"`` across the GPUs the job was granted. On the CPU: fp32
+and transformers' dynamic cache.
 
 Timing without a decode loop of our own: a ``BaseStreamer`` stamps the moment generate hands
 over the first new token (end of the prompt pass) and the end; prefill and decode are the two

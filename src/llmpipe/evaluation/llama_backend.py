@@ -7,8 +7,8 @@ The model and context are made by ``llama_cpp.Llama`` (every setting from config
 use the C API directly (``llama_decode`` on a reused batch, llama.cpp's own sampler chain), so
 a generated token costs one ``llama_decode`` plus a native sampling call, nothing more, and the
 prompt pass and the generation are timed separately. Plain greedy decoding reads the argmax
-straight off the logits (the sampler chain copies the vocabulary into a fresh 12-byte-per-token
-array for every token: ~0.1 ms and 0.6 MB of cache traffic for a 49k vocabulary).
+straight off the logits (the sampler chain copies the whole vocabulary into a fresh
+12-byte-per-token array for every token, which costs cache traffic the argmax does not).
 """
 
 from __future__ import annotations
@@ -323,8 +323,8 @@ def _argmax_reader(llm):
 
     ``llama_get_logits_ith`` synchronizes and returns the row's address. The row lives in the
     context's output buffer, which stays put from one decode to the next, so the numpy view
-    is made once per address: made every token, it cost ~30 us, because a decode step streams
-    the weights through the caches and leaves Python's own objects cold."""
+    is made once per address, not every token (a decode step streams the weights through the
+    caches and leaves Python's own objects cold, so making it each time is costly)."""
     import ctypes
 
     import llama_cpp
@@ -354,7 +354,7 @@ def _generate_one(
 ) -> PromptResult:
     """One prompt. The decode loop does as little Python as it can between two
     ``llama_decode`` calls: the one-token batch is laid out once and only its token and
-    position change (SmolLM2 on 2 cores: a step ~8 ms, the Python between two 25-30 us)."""
+    position change (on a small model the Python between two steps is a visible share)."""
     import llama_cpp
 
     n_ctx = llm.n_ctx()
