@@ -30,6 +30,16 @@ EVAL_KINDS = ("shard", "reference", "quality")
 BYTES_PER_TOKEN = 4
 
 
+# An evaluation rule that loads a model has a twin per backend (evaluate.smk): environment
+# modules are fixed per rule, and each job loads only its own backend's.
+BACKEND_RULE_SUFFIX = {"llama.cpp": "", "transformers": "_transformers"}
+
+
+def eval_rule(rule: str, backend: str) -> str:
+    """The rule that runs ``rule``'s jobs (evaluate_shard, evaluate_reference) for ``backend``."""
+    return rule + BACKEND_RULE_SUFFIX[backend]
+
+
 # Rule -> the output that is its job's record, for the jobs whose records the report reads (the
 # generation shards, evaluate_shard, are read through the eval JSON: its most memory-hungry one).
 RECORD_OUTPUTS = {
@@ -40,6 +50,7 @@ RECORD_OUTPUTS = {
     "quantize": "record",
     "imatrix": "record",
     "evaluate_reference": "result",
+    "evaluate_reference_transformers": "result",
     "evaluate_quality": "result",
     "finetune": "metrics",
     "compare_finetune": "record",
@@ -351,7 +362,8 @@ class RunPlan:
                     continue
                 reference = self.eval_reference(backend)
                 wc = {"model": model, "backend": backend}
-                jobs.append(StatsJob("evaluate_reference", model, f"{reference}-{backend}", wc))
+                rule = eval_rule("evaluate_reference", backend)
+                jobs.append(StatsJob(rule, model, f"{reference}-{backend}", wc))
                 jobs += [
                     StatsJob("evaluate_quality", model, f"{v}-{backend}", {**wc, "variant": v})
                     for v in variants
@@ -393,10 +405,16 @@ class RunPlan:
         return res.checked_request(model, step, config_json, attempt, **opts)
 
     def modules(self, kind: str) -> list[str]:
-        """Environment modules of a rule: the Python stack, plus llama.cpp's for its tools."""
-        modules = list(self.config["envmodules"]["transformers"])
-        if kind == "llama_cpp":
-            modules += self.config["envmodules"]["llama_cpp"]
+        """Environment modules of a rule of ``kind``, a key of config ``envmodules``: the
+        Python stack (``transformers``) for every rule, plus ``llama_cpp``'s for its tools."""
+        envmodules = self.config["envmodules"]
+        if kind not in envmodules:
+            raise ValueError(
+                f"envmodules: no key {kind!r} (expected one of {', '.join(envmodules)})"
+            )
+        modules = list(envmodules["transformers"])
+        if kind != "transformers":
+            modules += envmodules[kind]
         return modules
 
     def gres(self, gpus: int) -> str:

@@ -98,3 +98,32 @@ def test_cuda_generation_uses_a_static_cache_and_compiles_only_when_asked(tiny):
 def test_one_gpu_or_the_cpu_needs_no_device_map():
     assert hb.placement("cpu", 2) == {}
     assert hb.placement("cuda", 1) == {}
+
+
+def test_the_backend_interface_generates_and_scores_as_the_functions_do(tmp_path_factory, tiny):
+    """``HFBackend.load`` gives a ``backend.Model`` whose generate and chunk logits are those
+    of the module's functions on the same folder."""
+    import numpy as np
+
+    from llmpipe.evaluation import backend
+
+    folder = make_tiny_hf(tmp_path_factory.mktemp("hfi") / "tiny")
+    model = backend.get("transformers").load(folder, {"device": "cpu", "batch_size": 4}, 1)
+    try:
+        assert isinstance(model, backend.Model)
+        assert model.device == "cpu" and model.kv_elem_bytes == 4.0 and model.n_vocab == 12
+        sampling = Sampling(max_new_tokens=5, temperature=0.0)
+        generation = model.generate(list(enumerate(PROMPTS)), sampling)
+        results, batches = run(tiny, enumerate(PROMPTS), sampling, batch_size=4)
+        assert [r.token_ids for r in generation.results] == [r.token_ids for r in results]
+        assert generation.decode_steps == sum(b.steps for b in batches)
+        assert [b["rows"] for b in generation.extra["batches"]] == [4, 1]
+        settings = model.settings()
+        assert settings["resolved_device"] == "cpu" and settings["gpus"] == 0
+        chunk = np.asarray(model.tokenize("the cat sat on the mat and the dog ran"))
+        logits = model.chunk_logits(chunk, 2)
+        assert logits.shape == (len(chunk) - 3, model.n_vocab) and logits.dtype == np.float32
+        assert model.gb_disk_to_device() > 0 and model.peak_vram_mb() is None
+        assert model.tune_threads(4) == {"threads_used": 1, "step_s": {}}  # one thread: no tuning
+    finally:
+        model.close()

@@ -70,7 +70,8 @@ def test_stats_jobs_name_each_job_once_and_only_real_quality_jobs(default_config
     assert ("evaluate_quality", "smollm2", "Q8_0-llama.cpp") in keys
     # the references' quality is their own perplexity job, never a quality job
     assert ("evaluate_quality", "smollm2", "F16-llama.cpp") not in keys
-    assert ("evaluate_reference", "smollm2", "hf-transformers") in keys
+    assert ("evaluate_reference_transformers", "smollm2", "hf-transformers") in keys
+    assert ("evaluate_reference", "smollm2", "F16-llama.cpp") in keys
     # the tuned model's folder is the merge's; its files are named after the base model
     assert plan.model_job("smollm2-ft") == ("merge_lora", "smollm2-ft", "", {"model": "smollm2"})
     assert ("finetune", "smollm2-ft", "", {"model": "smollm2"}) in jobs
@@ -171,3 +172,5 @@ def test_modules_per_rule_kind(default_config, tmp_path):
     plan = load(default_config, tmp_path)
     assert plan.modules("transformers") == ["python/ai"]
     assert plan.modules("llama_cpp") == ["python/ai", "llama.cpp/gpu"]
+    with pytest.raises(ValueError, match="envmodules: no key 'llama.cpp'"):
+        plan.modules("llama.cpp")

@@ -70,7 +70,9 @@ def test_every_job_record_has_prediction_and_measurement(default_run):
         "quantize",
         "merge_lora",
         "evaluate_shard",
+        "evaluate_shard_transformers",
         "evaluate_reference",
+        "evaluate_reference_transformers",
         "evaluate_quality",
         "compare_finetune",
     }
@@ -92,6 +94,7 @@ def test_predicted_memory_within_25_percent_of_measured(default_run):
         "finetune",
         "merge_lora",
         "evaluate_reference",
+        "evaluate_reference_transformers",
         "evaluate_quality",
         "evaluate_llama_cpp",
         "evaluate_transformers",

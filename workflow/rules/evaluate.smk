@@ -2,6 +2,9 @@
 # The prompts are farmed out: split into `farm.shards` shards (one job each), gathered by
 # `evaluate`. Quality: the backend's reference writes its log-probs once (llama-perplexity's
 # base-file format), every other variant is scored against them.
+# Environment modules are fixed per rule, so a job that loads a model has one rule per
+# backend: the llama.cpp rule, and its `_transformers` twin (`use rule`) that differs only in
+# its modules. The Python-only rules (split, probe, gather) load the Python stack.
 
 
 scattergather:
@@ -55,6 +58,8 @@ rule evaluate_shard:
         "logs/evaluate_shard/{model}-{variant}-{backend}-{scatteritem}.log",
     benchmark:
         "benchmarks/evaluate_shard/{model}-{variant}-{backend}-{scatteritem}.tsv"
+    wildcard_constraints:
+        backend=r"llama\.cpp",
     conda:
         "../envs/llmpipe.yaml"
     envmodules:
@@ -72,6 +77,13 @@ rule evaluate_shard:
         "../scripts/evaluate_shard.py"
 
 
+use rule evaluate_shard as evaluate_shard_transformers with:
+    wildcard_constraints:
+        backend="transformers",
+    envmodules:
+        *get_modules("transformers"),
+
+
 rule evaluate_reference:
     input:
         unpack(get_eval_model),
@@ -83,6 +95,8 @@ rule evaluate_reference:
         "logs/evaluate_reference/{model}-{backend}.log",
     benchmark:
         "benchmarks/evaluate_reference/{model}-{backend}.tsv"
+    wildcard_constraints:
+        backend=r"llama\.cpp",
     conda:
         "../envs/llmpipe.yaml"
     envmodules:
@@ -101,6 +115,13 @@ rule evaluate_reference:
         "../scripts/evaluate_reference.py"
 
 
+use rule evaluate_reference as evaluate_reference_transformers with:
+    wildcard_constraints:
+        backend="transformers",
+    envmodules:
+        *get_modules("transformers"),
+
+
 rule evaluate_quality:
     input:
         unpack(get_eval_model),
@@ -112,6 +133,9 @@ rule evaluate_quality:
         "logs/evaluate_quality/{model}-{variant}-{backend}.log",
     benchmark:
         "benchmarks/evaluate_quality/{model}-{variant}-{backend}.tsv"
+    # llama.cpp only: the transformers backend's one variant is its reference
+    wildcard_constraints:
+        backend=r"llama\.cpp",
     conda:
         "../envs/llmpipe.yaml"
     envmodules:
@@ -142,7 +166,7 @@ rule evaluate:
     conda:
         "../envs/llmpipe.yaml"
     envmodules:
-        *get_modules("llama_cpp"),
+        *get_modules("transformers"),
     script:
         "../scripts/evaluate.py"
 

@@ -1,4 +1,4 @@
-from llmpipe.evaluation.jobs import run_sweep
+from llmpipe.evaluation.sweep import run_sweep
 from llmpipe.hardware import need_for_eval
 from llmpipe.script import logged
 

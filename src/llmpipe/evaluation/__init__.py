@@ -8,11 +8,14 @@ Modules, by role (heavy imports — torch, transformers, llama_cpp — only insi
                      model's shape (``llmpipe.estimate.ModelShape``) and the measured times
 - ``bandwidth``      the CPU read-bandwidth probe and the GPU peak-bandwidth table
 - ``records``        sampling settings and one prompt's result
+- ``backend``        the backend interface (``Backend`` loads a ``Model``: generate, tokenize,
+                     score chunks) and the registry: name -> config section and class
 - ``llama_backend``  llama.cpp (llama-cpp-python): load, generate, score chunks, bench
 - ``hf_backend``     transformers: batched ``model.generate`` (per-prompt seeds, first-token
                      clock), placement over the granted GPUs, score chunks
 - ``farm``           split the prompts into shards and gather the shards' results
-- ``jobs``           one function per workflow rule (the scripts call these)
+- ``jobs``           one function per evaluation rule (the scripts call these), any backend
+- ``sweep``          the llama.cpp threads x n_gpu_layers grid (llama-bench's two tests)
 
 How every figure of ``results/eval/{model}/{variant}-{backend}.json`` is computed:
 

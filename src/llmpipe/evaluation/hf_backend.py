@@ -1,12 +1,12 @@
 """The transformers backend: one model load, every prompt of the job through ``model.generate``.
 
-Not the seed's loop (model moved to the device and one prompt generated per iteration): prompts
-are sorted by length and generated ``batch_size`` at a time by transformers' own ``generate``
-(left padding, attention masks, the model's own forward and cache), with the sampling settings
-from config. On CUDA: fp16 (V100 has no bf16) and ``cache_implementation="static"``, so that
-transformers may compile the decode step (``evaluate.transformers.compile``, off by default);
-a model the estimator does not fit on one GPU is loaded with ``device_map="auto"`` across the
-GPUs the job was granted. On the CPU: fp32 and transformers' dynamic cache.
+Prompts are sorted by length and generated ``batch_size`` at a time by transformers' own
+``generate`` (left padding, attention masks, the model's own forward and cache), with the
+sampling settings from config. On CUDA: fp16 (V100 has no bf16) and
+``cache_implementation="static"``, so that transformers may compile the decode step
+(``evaluate.transformers.compile``, off by default); a model the estimator does not fit on one
+GPU is loaded with ``device_map="auto"`` across the GPUs the job was granted. On the CPU: fp32
+and transformers' dynamic cache.
 
 Timing without a decode loop of our own: a ``BaseStreamer`` stamps the moment generate hands
 over the first new token (end of the prompt pass) and the end; prefill and decode are the two
@@ -16,12 +16,16 @@ logits processor, the last one generate runs before its own draw) applies transf
 temperature, top-k and top-p warpers and draws each row from that prompt's own
 ``torch.Generator`` (``Sampling.prompt_seed``), leaving only the drawn token possible: generate's
 own multinomial then returns exactly it. The forward passes and the cache stay generate's.
+
+``HFBackend`` is the evaluation's interface to it (``backend.Backend``); the functions below
+are its parts, which the benchmarks also call on their own.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -428,3 +432,104 @@ def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
     return "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation's interface (backend.Backend, backend.Model)
+# --------------------------------------------------------------------------------------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+class HFModel:
+    """A loaded Hugging Face folder (``backend.Model``)."""
+
+    def __init__(self, path, settings: HFSettings, gpus: int) -> None:
+        self.path = Path(path)
+        self.cfg = settings
+        self.model, self.tokenizer, self.torch_device, self.dtype = load(
+            str(path), settings, gpus=gpus
+        )
+        self.device = device_name(self.torch_device)
+        self.n_vocab = int(self.model.config.vocab_size)
+        self.bos_for_chunks = bos_for_chunks(self.tokenizer)
+        from llmpipe.evaluation.figures import TORCH_DTYPE_BYTES
+
+        self.kv_elem_bytes = TORCH_DTYPE_BYTES[self.dtype]
+
+    def settings(self) -> dict:
+        cuda = self.torch_device == "cuda"
+        split = getattr(self.model, "hf_device_map", None)
+        return {
+            **self.cfg.as_dict(),
+            "resolved_device": self.torch_device,
+            "resolved_dtype": self.dtype,
+            "generate": "transformers generate (static cache)" if cuda else "transformers generate",
+            "gpus": len(set(split.values())) if split else int(cuda),
+        }
+
+    def warm_up(self) -> None:
+        warm_up(self.model, self.tokenizer, self.torch_device)
+
+    def tune_threads(self, rows: int) -> dict:
+        if not self.cfg.tune_threads:
+            return {"threads_used": self.cfg.threads, "step_s": {}}
+        rows = min(rows, self.cfg.batch_size)
+        return tune_threads(self.model, self.tokenizer, self.torch_device, self.cfg.threads, rows)
+
+    def generate(self, prompts, sampling: Sampling):
+        from llmpipe.evaluation.backend import Generation
+
+        results, batches = generate(
+            self.model,
+            self.tokenizer,
+            self.torch_device,
+            prompts,
+            sampling,
+            self.cfg.batch_size,
+            compile=self.cfg.compile,
+        )
+        return Generation(
+            results,
+            decode_steps=sum(b.steps for b in batches),
+            extra={"batches": [asdict(b) for b in batches]},
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        return tokenize(self.tokenizer, text)
+
+    def chunk_logits(self, chunk_input: np.ndarray, first: int) -> np.ndarray:
+        return chunk_logits(self.model, self.torch_device, chunk_input, first)
+
+    def weight_bytes(self):
+        from llmpipe.evaluation.figures import torch_weight_bytes
+
+        return torch_weight_bytes(self.model)
+
+    def gb_disk_to_device(self) -> float:
+        from llmpipe.evaluation.figures import GB
+
+        files = [p for p in self.path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+        return sum(p.stat().st_size for p in files) / GB
+
+    def peak_vram_mb(self) -> float | None:
+        return peak_vram_mb(self.torch_device)
+
+    def close(self) -> None:
+        """Drop the model; on CUDA give its cached blocks back to the driver."""
+        del self.model
+        if self.torch_device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+class HFBackend:
+    """transformers on the model's Hugging Face folder (``backend.Backend``)."""
+
+    def stage_name(self, model_id: str, variant: str) -> str:
+        return model_id  # the folder cache_to_shm staged, whatever the variant
+
+    def load(self, path, settings: dict, threads: int, *, gpus: int = 1, n_ctx=None):
+        # n_ctx: a perplexity chunk is one forward pass of any length
+        return HFModel(path, HFSettings.from_config(settings, threads), gpus)

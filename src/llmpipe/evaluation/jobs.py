@@ -6,7 +6,9 @@
 - ``write_reference``   the reference's perplexity and its log-probs (llama-perplexity format)
 - ``run_quality``       perplexity and KL-divergence of a variant against that reference
 - ``gather``            shards + quality -> ``results/eval/{model}/{variant}-{backend}.json``
-- ``run_sweep``         llama-bench-like threads x n_gpu_layers grid of the GGUF variants
+
+A backend is named by its ``backend`` argument and reached through ``backend.get`` only (the
+``Backend`` and ``Model`` interface); the llama.cpp sweep is ``sweep.run_sweep``.
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmpipe import atomic, provenance
 from llmpipe.errors import PipelineError
+from llmpipe.evaluation import backend as backends
 from llmpipe.evaluation import bandwidth, farm, figures, metrics
 from llmpipe.evaluation.records import PromptResult, Sampling
 from llmpipe.resources import Usage
 from llmpipe.stage import read_source
 
-BACKENDS = ("llama.cpp", "transformers")
 # The keys the issue asks for in every eval JSON (tests check them all).
 REQUIRED_KEYS = (
     "load_s",
@@ -51,11 +53,6 @@ REQUIRED_KEYS = (
     "kld_p99",
     "same_top_pct",
 )
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise PipelineError(f"unknown evaluate backend '{backend}' (expected {BACKENDS})")
 
 
 def gguf_manifest(gguf: str | os.PathLike, record: dict) -> dict:
@@ -151,6 +148,7 @@ class _ShardRun:
     results: list[PromptResult]
     prompt_decode_bytes: list[float]  # bytes each prompt's decode moved (its share of a batch)
     decode_bytes: float
+    peak_vram_mb: float | None
     extra: dict = field(default_factory=dict)
 
 
@@ -173,19 +171,16 @@ def run_shard(
 ) -> dict:
     """Generate the shard's prompts; write timings, token counts and hardware figures (and,
     with the job's ``usage``, its predicted and measured resources)."""
-    _check_backend(backend)
+    runner = backends.get(backend)
     started_at = time.time()
     prompts = farm.read_shard(shard)
     samp = Sampling.from_config(sampling)
     shape = figures.model_shape(hf_config)
     usage, measuring = _measure(usage)
-    path, staged = stage_model(source, manifest, stage, _stage_name(backend, model_id, variant))
+    path, staged = stage_model(source, manifest, stage, runner.stage_name(model_id, variant))
     with measuring:
-        if backend == "llama.cpp":
-            run = _shard_llama(path, prompts, samp, settings, threads, shape)
-        else:
-            gpus = usage.planned_gpus()  # > 1: the estimator split the model over GPUs
-            run = _shard_transformers(path, prompts, samp, settings, threads, shape, gpus)
+        # gpus > 1: the estimator split the model over GPUs
+        run = _generate(runner, path, prompts, samp, settings, threads, shape, usage.planned_gpus())
     resources = usage.fields()
     peak, peak_source = _peak_bandwidth(run.device, threads, bw)
     results = run.results
@@ -227,10 +222,9 @@ def run_shard(
         "achieved_gb_s_max": max(per_prompt) if per_prompt else None,
         "peak_bandwidth_source": peak_source,
         "peak_rss_mb": resources["measured"]["peak_rss_mb"],
-        # torch's own peak where it has one; else this process's memory as the driver sees it
-        "peak_vram_mb": (
-            run.extra.pop("peak_vram_mb", None) or resources["measured"]["peak_gpu_mem_mb"]
-        ),
+        # the backend's own peak where it has one; else this process's memory as the driver
+        # sees it
+        "peak_vram_mb": run.peak_vram_mb or resources["measured"]["peak_gpu_mem_mb"],
         "weights": run.weights.as_dict(),
         "kv_bytes_per_position": run.kv_bytes_per_position,
         "settings": run.settings,
@@ -252,119 +246,50 @@ def run_shard(
     return record
 
 
-def _stage_name(backend: str, model_id: str, variant: str) -> str:
-    """The RAM-disk copy's name: the HF folder is the one cache_to_shm staged (same name)."""
-    return model_id if backend == "transformers" else f"{model_id}-{variant}"
-
-
-def _shard_llama(path, prompts, samp, settings, threads, shape) -> _ShardRun:
-    from llmpipe.evaluation import llama_backend as lb
-
-    cfg = lb.LlamaSettings.from_config(settings, threads)
+def _generate(runner, path, prompts, samp, settings, threads, shape, gpus) -> _ShardRun:
+    """Load (one warm-up pass included in ``load_s``), pick the threads, generate, and count
+    the bytes every prompt's decode read: its tokens' share of the weight reads (a batched
+    step reads the weights once for all its rows) and the KV cache it attended to."""
     start = time.perf_counter()
-    llm = lb.load(str(path), cfg)
-    lb.warm_up(llm)
-    load_s = time.perf_counter() - start
-    tuned = {"threads_used": cfg.n_threads, "step_s": {}}
+    model = runner.load(path, settings, threads, gpus=gpus)
     try:
-        if cfg.tune_threads:
-            tuned = lb.tune_threads(llm, cfg)
-            print(f"llama.cpp threads: {tuned}", flush=True)
-        results = lb.generate(llm, prompts, samp)
-        layers = lb.n_layers(llm)
+        model.warm_up()
+        load_s = time.perf_counter() - start
+        tuned = model.tune_threads(len(prompts))
+        if tuned["step_s"]:
+            print(f"threads (decode step s): {tuned}", flush=True)
+        generation = model.generate(prompts, samp)
+        weights = model.weight_bytes()
+        gb_disk_to_device = model.gb_disk_to_device()
+        peak_vram_mb = model.peak_vram_mb()
+        run_settings = model.settings()
+        device, kv_elem = model.device, model.kv_elem_bytes
     finally:
-        llm.close()
-    weights = figures.gguf_weight_bytes(path)
-    kv_elem = figures.KV_TYPE_BYTES[cfg.kv_type]
-    on_gpu = cfg.uses_gpu and _llama_gpu()
-    share = 1.0  # of the weights that go to the device (all of them on the CPU)
-    if on_gpu and cfg.n_gpu_layers >= 0:
-        share = min(cfg.n_gpu_layers, layers + 1) / (layers + 1)
-    per_prompt = [
-        r.decode_tokens * weights.read_per_step
-        + figures.decode_kv_bytes(shape, r.prompt_tokens, r.generated_tokens, kv_elem)
-        for r in results
-    ]
-    return _ShardRun(
-        device=_gpu_name() if on_gpu else "cpu",
-        settings={
-            **cfg.as_dict(),
-            "threads_used": tuned["threads_used"],
-            "thread_step_s": tuned["step_s"],
-        },
-        load_s=load_s,
-        gb_disk_to_device=Path(path).stat().st_size * share / figures.GB,
-        weights=weights,
-        kv_bytes_per_position=figures.kv_bytes_per_position(shape, kv_elem),
-        decode_steps=sum(r.decode_tokens for r in results),
-        results=results,
-        prompt_decode_bytes=per_prompt,
-        decode_bytes=sum(per_prompt),
-    )
-
-
-def _llama_gpu() -> bool:
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload()) and bool(provenance.gpus())
-
-
-def _gpu_name() -> str:
-    gpus = provenance.gpus()
-    return gpus[0]["name"] if gpus else "gpu"
-
-
-def _shard_transformers(path, prompts, samp, settings, threads, shape, gpus=1) -> _ShardRun:
-    from llmpipe.evaluation import hf_backend as hb
-
-    cfg = hb.HFSettings.from_config(settings, threads)
-    start = time.perf_counter()
-    model, tokenizer, device, dtype = hb.load(str(path), cfg, gpus=gpus)
-    hb.warm_up(model, tokenizer, device)
-    weights = figures.torch_weight_bytes(model)
-    rows = min(len(prompts), cfg.batch_size)
-    load_s = time.perf_counter() - start
-    tuned = {"threads_used": cfg.threads, "step_s": {}}
-    if cfg.tune_threads:
-        tuned = hb.tune_threads(model, tokenizer, device, cfg.threads, rows)
-        print(f"torch threads: {tuned}", flush=True)
-    results, batches = hb.generate(
-        model, tokenizer, device, prompts, samp, cfg.batch_size, compile=cfg.compile
-    )
-    kv_elem = figures.TORCH_DTYPE_BYTES[dtype]
-    files = [p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
-    steps = sum(b.steps for b in batches)
+        model.close()
+    results, steps = generation.results, generation.decode_steps
     decode_tokens = sum(r.decode_tokens for r in results)
-    # A batched step reads the weights once for all its rows: each token carries its share.
-    weight_share = steps * weights.read_per_step / decode_tokens if decode_tokens else 0.0
     per_prompt = [
-        r.decode_tokens * weight_share
+        (r.decode_tokens * steps * weights.read_per_step / decode_tokens if decode_tokens else 0)
         + figures.decode_kv_bytes(shape, r.prompt_tokens, r.generated_tokens, kv_elem)
         for r in results
     ]
-    split = getattr(model, "hf_device_map", None)
     return _ShardRun(
-        device=hb.device_name(device),
+        device=device,
         settings={
-            **cfg.as_dict(),
-            "resolved_device": device,
-            "resolved_dtype": dtype,
+            **run_settings,
             "threads_used": tuned["threads_used"],
             "thread_step_s": tuned["step_s"],
-            "generate": "transformers generate (static cache)"
-            if device == "cuda"
-            else "transformers generate",
-            "gpus": len(set(split.values())) if split else (1 if device == "cuda" else 0),
         },
         load_s=load_s,
-        gb_disk_to_device=sum(p.stat().st_size for p in files) / figures.GB,
+        gb_disk_to_device=gb_disk_to_device,
         weights=weights,
         kv_bytes_per_position=figures.kv_bytes_per_position(shape, kv_elem),
         decode_steps=steps,
         results=results,
         prompt_decode_bytes=per_prompt,
         decode_bytes=sum(per_prompt),
-        extra={"batches": [asdict(b) for b in batches], "peak_vram_mb": hb.peak_vram_mb(device)},
+        peak_vram_mb=peak_vram_mb,
+        extra=generation.extra,
     )
 
 
@@ -373,52 +298,20 @@ def _shard_transformers(path, prompts, samp, settings, threads, shape, gpus=1) -
 # --------------------------------------------------------------------------------------------
 
 
-class _Scorer:
-    """A model that tokenizes like its backend and returns the scored logits of a chunk."""
+@contextlib.contextmanager
+def _scoring_model(backend: str, path: Path, settings: dict, threads: int, n_ctx: int, gpus: int):
+    """The model loaded to score ``n_ctx``-token chunks (closed afterwards)."""
+    model = backends.get(backend).load(path, settings, threads, gpus=gpus, n_ctx=n_ctx)
+    try:
+        yield model
+    finally:
+        model.close()
 
-    def __init__(
-        self, backend: str, path: Path, settings: dict, threads: int, n_ctx: int, gpus: int = 1
-    ):
-        self.backend = backend
-        if backend == "llama.cpp":
-            from llmpipe.evaluation import llama_backend as lb
 
-            self.cfg = lb.LlamaSettings.from_config(settings, threads)
-            self.llm = lb.load(str(path), self.cfg, n_ctx=n_ctx, n_batch=n_ctx)
-            self.bos = lb.bos_for_chunks(self.llm)
-            self.n_vocab = self.llm.n_vocab()
-        else:
-            from llmpipe.evaluation import hf_backend as hb
-
-            self.cfg = hb.HFSettings.from_config(settings, threads)
-            self.model, self.tokenizer, self.device, self.dtype = hb.load(
-                str(path), self.cfg, gpus=gpus
-            )
-            self.bos = hb.bos_for_chunks(self.tokenizer)
-            self.n_vocab = int(self.model.config.vocab_size)
-
-    def tokenize(self, text: str) -> list[int]:
-        if self.backend == "llama.cpp":
-            from llmpipe.evaluation import llama_backend as lb
-
-            return lb.tokenize(self.llm, text)
-        from llmpipe.evaluation import hf_backend as hb
-
-        return hb.tokenize(self.tokenizer, text)
-
-    def logits(self, chunk) -> object:
-        first = metrics.first_scored(len(chunk))
-        feed = metrics.model_input(chunk, self.bos)
-        if self.backend == "llama.cpp":
-            from llmpipe.evaluation import llama_backend as lb
-
-            return lb.chunk_logits(self.llm, feed, first)
-        from llmpipe.evaluation import hf_backend as hb
-
-        return hb.chunk_logits(self.model, self.device, feed, first)
-
-    def settings(self) -> dict:
-        return self.cfg.as_dict()
+def _score(model, chunk) -> object:
+    """The scored logits of one chunk (BOS first where the model adds one)."""
+    first = metrics.first_scored(len(chunk))
+    return model.chunk_logits(metrics.model_input(chunk, model.bos_for_chunks), first)
 
 
 def write_reference(
@@ -440,26 +333,30 @@ def write_reference(
     usage: Usage | None = None,
 ) -> dict:
     """The reference's perplexity, and its log-probs for the other variants' KL-divergence."""
-    _check_backend(backend)
+    stage_name = backends.get(backend).stage_name(model_id, variant)
     usage, measuring = _measure(usage)
-    path, staged = stage_model(source, manifest, stage, _stage_name(backend, model_id, variant))
-    with measuring, atomic.atomic_path(out_base) as tmp:
-        scorer = _Scorer(backend, path, settings, threads, n_ctx, usage.planned_gpus())
+    path, staged = stage_model(source, manifest, stage, stage_name)
+    with (
+        measuring,
+        atomic.atomic_path(out_base) as tmp,
+        _scoring_model(backend, path, settings, threads, n_ctx, usage.planned_gpus()) as model,
+    ):
         body = Path(text).read_text(encoding="utf-8")
-        tokens = scorer.tokenize(body)
+        tokens = model.tokenize(body)
         chunks = metrics.make_chunks(tokens, n_ctx, max_chunks)
         acc = metrics.Accumulator()
         start = time.perf_counter()
-        writer = metrics.BaseFileWriter(tmp, scorer.n_vocab, chunks)
+        writer = metrics.BaseFileWriter(tmp, model.n_vocab, chunks)
         try:
             for k, chunk in enumerate(chunks):
-                logits = scorer.logits(chunk)
+                logits = _score(model, chunk)
                 acc.add({"nll": metrics.token_nll(logits, metrics.chunk_targets(chunk))})
                 writer.write_chunk(logits)
                 _progress(k + 1, len(chunks), start)
         finally:
             writer.close()
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        model_settings = model.settings()
     nll = acc.arrays()["nll"]
     record = {
         "model": model_id,
@@ -475,7 +372,7 @@ def write_reference(
             figures.model_shape(hf_config), n_ctx, 0, metrics.scored_per_chunk(n_ctx)
         ),
         "load_source": staged["load_source"],
-        "settings": scorer.settings(),
+        "settings": model_settings,
         **usage.fields(),
         "provenance": provenance.collect(),
     }
@@ -519,26 +416,30 @@ def run_quality(
 ) -> dict:
     """Perplexity and KL-divergence of ``variant`` against the reference's stored log-probs,
     on the very tokens the reference saw (those in the base file)."""
-    _check_backend(backend)
+    stage_name = backends.get(backend).stage_name(model_id, variant)
     ref = json.loads(Path(reference).read_text())
     usage, measuring = _measure(usage)
     base_file = metrics.read_base_file(base)
-    path, staged = stage_model(source, manifest, stage, _stage_name(backend, model_id, variant))
-    with measuring:
-        scorer = _Scorer(backend, path, settings, threads, base_file.n_ctx, usage.planned_gpus())
-        if scorer.n_vocab != base_file.n_vocab:
+    path, staged = stage_model(source, manifest, stage, stage_name)
+    gpus = usage.planned_gpus()
+    with (
+        measuring,
+        _scoring_model(backend, path, settings, threads, base_file.n_ctx, gpus) as model,
+    ):
+        if model.n_vocab != base_file.n_vocab:
             raise PipelineError(
-                f"{variant} has a vocabulary of {scorer.n_vocab}, the reference "
+                f"{variant} has a vocabulary of {model.n_vocab}, the reference "
                 f"{ref['variant']} of {base_file.n_vocab}: they cannot be compared token by token"
             )
         acc = metrics.Accumulator()
         start = time.perf_counter()
         for k, chunk in enumerate(base_file.chunks):
-            logits = scorer.logits(chunk)
+            logits = _score(model, chunk)
             targets = metrics.chunk_targets(chunk)
             acc.add(metrics.compare_to_base(logits, base_file.records[k], targets))
             _progress(k + 1, base_file.n_chunk, start)
         seconds = time.perf_counter() - start
+        model_settings = model.settings()
     summary = metrics.quality_summary(acc.arrays())
     record = {
         "model": model_id,
@@ -551,7 +452,7 @@ def run_quality(
         "seconds": seconds,
         "tok_s": base_file.chunks.size / seconds if seconds else None,
         "load_source": staged["load_source"],
-        "settings": scorer.settings(),
+        "settings": model_settings,
         **usage.fields(),
         "provenance": provenance.collect(),
     }
@@ -653,58 +554,3 @@ def gather(
     atomic.write_text(out_texts, "\n".join(lines) + "\n")
     atomic.write_json(out_json, record)
     return record
-
-
-# --------------------------------------------------------------------------------------------
-# Sweep
-# --------------------------------------------------------------------------------------------
-
-
-def run_sweep(
-    *,
-    model_id: str,
-    ggufs: dict[str, str],
-    settings: dict,
-    threads: list[int],
-    n_gpu_layers: list[int],
-    n_prompt: int,
-    n_gen: int,
-    repetitions: int,
-    out_tsv: str,
-    out_md: str,
-) -> list[dict]:
-    """llama-bench's grid: every GGUF variant x threads x n_gpu_layers, pp and tg tok/s."""
-    from llmpipe.evaluation import llama_backend as lb
-
-    rows = []
-    for variant, gguf in ggufs.items():
-        for ngl in n_gpu_layers:
-            for t in threads:
-                cfg = lb.LlamaSettings.from_config(
-                    {**settings, "n_threads": t, "n_threads_batch": t, "n_gpu_layers": ngl}, t
-                )
-                llm = lb.load(gguf, cfg, n_ctx=max(n_prompt + n_gen, 64), n_batch=max(n_prompt, 1))
-                result = lb.bench(llm, n_prompt, n_gen, repetitions)
-                llm.close()
-                row = {
-                    "model": model_id,
-                    "variant": variant,
-                    "size_gb": round(Path(gguf).stat().st_size / figures.GB, 3),
-                    "threads": t,
-                    "n_gpu_layers": ngl,
-                    "flash_attn": cfg.flash_attn,
-                    "kv_type": cfg.kv_type,
-                    "n_prompt": n_prompt,
-                    "n_gen": n_gen,
-                    **{k: (round(v, 2) if v is not None else None) for k, v in result.items()},
-                }
-                print(row, flush=True)
-                rows.append(row)
-    columns = list(rows[0]) if rows else []
-    cell = lambda v: "" if v is None else str(v)  # noqa: E731
-    tsv = ["\t".join(columns)] + ["\t".join(cell(r[c]) for c in columns) for r in rows]
-    atomic.write_text(out_tsv, "\n".join(tsv) + "\n")
-    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    atomic.write_text(out_md, "\n".join(md) + "\n")
-    return rows

@@ -1,11 +1,14 @@
 """The llama.cpp backend (llama-cpp-python, pinned): load a GGUF, generate, score chunks, bench.
 
+``LlamaCppBackend`` is the evaluation's interface to it (``backend.Backend``); the functions
+below are its parts, used on their own by the sweep and the importance matrix.
+
 The model and context are made by ``llama_cpp.Llama`` (every setting from config); the loops
 use the C API directly (``llama_decode`` on a reused batch, llama.cpp's own sampler chain), so
 a generated token costs one ``llama_decode`` plus a native sampling call, nothing more, and the
 prompt pass and the generation are timed separately. Plain greedy decoding reads the argmax
-straight off the logits (the sampler chain copies the vocabulary into a fresh 12-byte-per-token
-array for every token: ~0.1 ms and 0.6 MB of cache traffic for a 49k vocabulary).
+straight off the logits (the sampler chain copies the whole vocabulary into a fresh
+12-byte-per-token array for every token, which costs cache traffic the argmax does not).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -320,8 +324,8 @@ def _argmax_reader(llm):
 
     ``llama_get_logits_ith`` synchronizes and returns the row's address. The row lives in the
     context's output buffer, which stays put from one decode to the next, so the numpy view
-    is made once per address: made every token, it cost ~30 us, because a decode step streams
-    the weights through the caches and leaves Python's own objects cold."""
+    is made once per address, not every token (a decode step streams the weights through the
+    caches and leaves Python's own objects cold, so making it each time is costly)."""
     import ctypes
 
     import llama_cpp
@@ -351,7 +355,7 @@ def _generate_one(
 ) -> PromptResult:
     """One prompt. The decode loop does as little Python as it can between two
     ``llama_decode`` calls: the one-token batch is laid out once and only its token and
-    position change (SmolLM2 on 2 cores: a step ~8 ms, the Python between two 25-30 us)."""
+    position change (on a small model the Python between two steps is a visible share)."""
     import llama_cpp
 
     n_ctx = llm.n_ctx()
@@ -476,3 +480,94 @@ def kv_type_bytes(settings: LlamaSettings) -> float:
     from llmpipe.evaluation.figures import KV_TYPE_BYTES
 
     return KV_TYPE_BYTES[settings.kv_type]
+
+
+def offloads_to_gpu(settings: LlamaSettings) -> bool:
+    """Layers go to a GPU: asked for, and this build and host have one."""
+    import llama_cpp
+
+    from llmpipe import provenance
+
+    return (
+        settings.uses_gpu
+        and bool(llama_cpp.llama_supports_gpu_offload())
+        and bool(provenance.gpus())
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation's interface (backend.Backend, backend.Model)
+# --------------------------------------------------------------------------------------------
+
+
+class LlamaCppModel:
+    """A loaded GGUF (``backend.Model``)."""
+
+    def __init__(self, path, settings: LlamaSettings, n_ctx: int | None) -> None:
+        from llmpipe import provenance
+
+        self.path = Path(path)
+        self.cfg = settings
+        # perplexity: the whole chunk is one batch
+        self.llm = load(str(path), settings, n_ctx=n_ctx, n_batch=n_ctx)
+        self.on_gpu = offloads_to_gpu(settings)
+        self.device = provenance.gpus()[0]["name"] if self.on_gpu else "cpu"
+        self.n_vocab = self.llm.n_vocab()
+        self.bos_for_chunks = bos_for_chunks(self.llm)
+        self.kv_elem_bytes = kv_type_bytes(settings)
+
+    def settings(self) -> dict:
+        return self.cfg.as_dict()
+
+    def warm_up(self) -> None:
+        warm_up(self.llm)
+
+    def tune_threads(self, rows: int) -> dict:
+        if not self.cfg.tune_threads:
+            return {"threads_used": self.cfg.n_threads, "step_s": {}}
+        return tune_threads(self.llm, self.cfg)
+
+    def generate(self, prompts, sampling: Sampling):
+        from llmpipe.evaluation.backend import Generation
+
+        results = generate(self.llm, prompts, sampling)
+        return Generation(results, decode_steps=sum(r.decode_tokens for r in results))
+
+    def tokenize(self, text: str) -> list[int]:
+        return tokenize(self.llm, text)
+
+    def chunk_logits(self, chunk_input: np.ndarray, first: int) -> np.ndarray:
+        return chunk_logits(self.llm, chunk_input, first)
+
+    def weight_bytes(self):
+        from llmpipe.evaluation.figures import gguf_weight_bytes
+
+        return gguf_weight_bytes(self.path)
+
+    def gb_disk_to_device(self) -> float:
+        """The file's bytes; with partial offload, the offloaded layers' share (of the layers
+        and the output layer: n_gpu_layers of n_layers + 1)."""
+        from llmpipe.evaluation.figures import GB
+
+        share = 1.0
+        if self.on_gpu and self.cfg.n_gpu_layers >= 0:
+            layers = n_layers(self.llm)
+            share = min(self.cfg.n_gpu_layers, layers + 1) / (layers + 1)
+        return self.path.stat().st_size * share / GB
+
+    def peak_vram_mb(self) -> float | None:
+        return None  # the job's Usage reads the process's GPU memory from the driver
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class LlamaCppBackend:
+    """llama.cpp on a GGUF variant (``backend.Backend``)."""
+
+    def stage_name(self, model_id: str, variant: str) -> str:
+        return f"{model_id}-{variant}"
+
+    def load(self, path, settings: dict, threads: int, *, gpus: int = 1, n_ctx=None):
+        # gpus: llama.cpp spreads layers over the visible GPUs by its own split settings
+        return LlamaCppModel(path, LlamaSettings.from_config(settings, threads), n_ctx)
