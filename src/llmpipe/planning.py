@@ -396,9 +396,7 @@ class RunPlan:
         before its download); until one exists, the conservative fallback."""
         opts = dict(options)
         if step == "download":
-            spec = self.config["models"][model]
-            opts = {**res.download_options(spec), **opts}
-            config_json = res.download_config(spec, model, self.root)
+            config_json = res.download_config(self.config["models"][model], model, self.root)
         else:
             config_json = res.model_config(model, self.models, self.root)
         opts.setdefault("threads", threads)

@@ -383,6 +383,7 @@ class Usage:
         }
         if config_json is None:
             config_json = model_config(smk.wildcards.model)
+        options.setdefault("threads", smk.threads)  # as the planner asked
         # the script's process plans for the same hardware as the planner did
         use_hardware(smk.config["hardware"], smk.config["slurm"]["gpu_type"])
         return cls(step or smk.rule, config_json, options, requested, rule=smk.rule)

@@ -7,6 +7,7 @@ import sys
 from llmpipe import config as cfg
 from llmpipe import imatrix as imat
 from llmpipe import planning
+from llmpipe import resources as res
 from llmpipe.finetune import settings as ft
 
 cfg.validate(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -237,6 +238,10 @@ def eval_estimate(kind):
         return list(PLAN.eval_estimate(wildcards.backend, variant, kind))
 
     return of
+
+
+def download_estimate(wildcards):
+    return ["download", res.download_options(config["models"][wildcards.model])]
 
 
 def finetune_estimate(wildcards):

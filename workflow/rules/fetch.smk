@@ -1,3 +1,7 @@
+# The estimate of cache_to_shm's jobs: its resources, and the prediction its script records.
+STAGE_ESTIMATE = estimate("cache_to_shm")
+
+
 rule download:
     output:
         hf=directory("results/models/{model}/hf"),
@@ -16,8 +20,9 @@ rule download:
     envmodules:
         *get_modules("transformers"),
     resources:
-        **job_resources(estimate("download"), gpus=None),
+        **job_resources(download_estimate, gpus=None),
     params:
+        estimate=download_estimate,
         spec=get_model_spec,
         hub=config["hub"],
     script:
@@ -42,8 +47,9 @@ rule cache_to_shm:
     envmodules:
         *get_modules("transformers"),
     resources:
-        **job_resources(estimate("cache_to_shm"), gpus=None),
+        **job_resources(STAGE_ESTIMATE, gpus=None),
     params:
+        estimate=STAGE_ESTIMATE,
         root=config["stage"]["root"],
         verify=config["stage"]["verify"],
         reserve_gb=config["stage"]["reserve_gb"],

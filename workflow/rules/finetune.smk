@@ -2,6 +2,8 @@
 # The tuned model <model>-ft is a model of its own: merge_lora writes its HF folder and
 # manifest, and cache_to_shm -> convert_to_gguf -> quantize -> evaluate take it from there.
 # Side results: the adapter (PEFT, and as GGUF), loss curve, metrics, base-vs-tuned table.
+# The estimate of merge_lora's jobs: its resources, and the prediction its script records.
+MERGE_ESTIMATE = estimate("merge_lora", dtype=get_merge_dtype)
 
 
 rule finetune_data:
@@ -62,6 +64,7 @@ rule finetune:
         # One torchrun per node; with several nodes the script calls srun itself.
         tasks=get_finetune_nodes,
     params:
+        estimate=finetune_estimate,
         settings=get_finetune_params("train"),
         # Not an output: it must survive a killed job, so that the rerun resumes from it.
         checkpoints="results/finetune/{model}/checkpoints",
@@ -89,8 +92,9 @@ rule merge_lora:
         *get_modules("transformers"),
     threads: 2
     resources:
-        **job_resources(estimate("merge_lora", dtype=get_merge_dtype), gpus=None),
+        **job_resources(MERGE_ESTIMATE, gpus=None),
     params:
+        estimate=MERGE_ESTIMATE,
         merge=get_finetune_params("merge"),
     script:
         "../scripts/merge_lora.py"

@@ -1,3 +1,9 @@
+# The estimate of each rule's jobs: its resources, and the prediction its script records.
+CONVERT_ESTIMATE = estimate("convert_to_gguf", outtype=config["convert"]["outtype"])
+IMATRIX_ESTIMATE = estimate("imatrix", **PLAN.imatrix_estimate())
+QUANTIZE_ESTIMATE = estimate("quantize", quant=get_quant, source=REFERENCE)
+
+
 rule convert_to_gguf:
     input:
         hf="results/models/{model}/hf",
@@ -20,11 +26,9 @@ rule convert_to_gguf:
         *get_modules("transformers"),
     threads: 2
     resources:
-        **job_resources(
-            estimate("convert_to_gguf", outtype=config["convert"]["outtype"]),
-            gpus=None,
-        ),
+        **job_resources(CONVERT_ESTIMATE, gpus=None),
     params:
+        estimate=CONVERT_ESTIMATE,
         outtype=config["convert"]["outtype"],
         root=config["stage"]["root"],
         verify=config["stage"]["verify"],
@@ -49,14 +53,14 @@ rule imatrix:
         *get_modules("llama_cpp"),
     threads: EVAL["threads"]
     resources:
-        **job_resources(estimate("imatrix", **PLAN.imatrix_estimate())),
+        **job_resources(IMATRIX_ESTIMATE),
     params:
         n_ctx=IMATRIX["n_ctx"],
         chunks=IMATRIX["chunks"],
         eval_n_ctx=EVAL["perplexity"]["n_ctx"],
         eval_chunks=EVAL["perplexity"]["chunks"],
         n_gpu_layers=EVAL["llama_cpp"]["n_gpu_layers"],
-        estimate=estimate("imatrix", **PLAN.imatrix_estimate()),
+        estimate=IMATRIX_ESTIMATE,
     script:
         "../scripts/imatrix.py"
 
@@ -77,10 +81,9 @@ rule quantize:
         *get_modules("llama_cpp"),
     threads: 2
     resources:
-        **job_resources(
-            estimate("quantize", quant=get_quant, source=REFERENCE), gpus=None
-        ),
+        **job_resources(QUANTIZE_ESTIMATE, gpus=None),
     params:
+        estimate=QUANTIZE_ESTIMATE,
         quant=get_quant_type,
     script:
         "../scripts/quantize.py"

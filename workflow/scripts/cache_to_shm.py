@@ -1,9 +1,8 @@
 from llmpipe import atomic, manifest, provenance
-from llmpipe.resources import Usage
-from llmpipe.script import logged
+from llmpipe.script import measured_job
 from llmpipe.stage import ensure_staged
 
-with logged(snakemake.log[0], snakemake.rule), Usage.of_job(snakemake) as usage:
+with measured_job(snakemake) as usage:
     record = ensure_staged(
         snakemake.input.hf,
         manifest.load(snakemake.input.manifest),

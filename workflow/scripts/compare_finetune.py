@@ -1,15 +1,10 @@
 from llmpipe.finetune.compare import compare
 from llmpipe.hardware import need_for_torch
-from llmpipe.resources import Usage
-from llmpipe.script import logged
+from llmpipe.script import measured_job
 
-step, options = snakemake.params.estimate  # the plan this job's resources came from
 gres = getattr(snakemake.resources, "gres", "")
 gpu = need_for_torch(snakemake.rule, gres, snakemake.params.settings.get("device") == "cuda")
-with (
-    logged(snakemake.log[0], snakemake.rule, gpu=gpu),
-    Usage.of_job(snakemake, step=step, **options) as usage,
-):
+with measured_job(snakemake, gpu=gpu) as usage:
     compare(
         base_hf=snakemake.input.base,
         tuned_hf=snakemake.input.tuned,

@@ -1,13 +1,9 @@
 from llmpipe import manifest
 from llmpipe.gguf import convert_hf_to_gguf
-from llmpipe.resources import Usage
-from llmpipe.script import logged
+from llmpipe.script import measured_job
 from llmpipe.stage import read_source
 
-with (
-    logged(snakemake.log[0], snakemake.rule),
-    Usage.of_job(snakemake, outtype=snakemake.params.outtype) as usage,
-):
+with measured_job(snakemake) as usage:
     # Read the model from this node's RAM-disk copy (re-staged here if this job cannot see it).
     hf_dir, staged = read_source(
         snakemake.input.hf,

@@ -1,13 +1,9 @@
 from llmpipe.fetch import fetch_model
-from llmpipe.resources import Usage, download_options
-from llmpipe.script import logged
+from llmpipe.script import measured_job
 
 spec = snakemake.params.spec
-config_json = f"{snakemake.output.hf}/config.json"  # sized from what was downloaded
-with (
-    logged(snakemake.log[0], snakemake.rule),
-    Usage.of_job(snakemake, config_json, **download_options(spec)) as usage,
-):
+# the record's prediction is sized from what was downloaded
+with measured_job(snakemake, config_json=f"{snakemake.output.hf}/config.json") as usage:
     fetch_model(
         snakemake.wildcards.model,
         spec,

@@ -1,16 +1,12 @@
 from llmpipe.finetune.runner import run_finetune
-from llmpipe.finetune.settings import from_dict, plan_options
+from llmpipe.finetune.settings import from_dict
 from llmpipe.hardware import need_for_torch
-from llmpipe.resources import Usage
-from llmpipe.script import logged
+from llmpipe.script import measured_job
 
 settings = snakemake.params.settings
 gres = getattr(snakemake.resources, "gres", "")
 gpu = need_for_torch(snakemake.rule, gres, from_dict(settings).wants_cuda)
-with (
-    logged(snakemake.log[0], snakemake.rule, gpu=gpu),
-    Usage.of_job(snakemake, **plan_options(settings, snakemake.input.train)) as usage,
-):
+with measured_job(snakemake, gpu=gpu) as usage:
     run_finetune(
         model_id=f"{snakemake.wildcards.model}-ft",
         base_hf=snakemake.input.hf,

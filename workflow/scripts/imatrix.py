@@ -1,12 +1,7 @@
 from llmpipe.imatrix import compute_imatrix
-from llmpipe.resources import Usage
-from llmpipe.script import logged
+from llmpipe.script import measured_job
 
-step, options = snakemake.params.estimate  # the plan this job's resources came from
-with (
-    logged(snakemake.log[0], snakemake.rule),
-    Usage.of_job(snakemake, step=step, **options) as usage,
-):
+with measured_job(snakemake) as usage:
     compute_imatrix(
         reference=snakemake.input.gguf,
         out=snakemake.output.imatrix,

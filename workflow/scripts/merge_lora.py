@@ -1,9 +1,8 @@
 from llmpipe.finetune.merge import merge_adapter
-from llmpipe.resources import Usage
-from llmpipe.script import logged
+from llmpipe.script import measured_job
 
 dtype = snakemake.params.merge["merged_dtype"]
-with logged(snakemake.log[0], snakemake.rule), Usage.of_job(snakemake, dtype=dtype) as usage:
+with measured_job(snakemake) as usage:
     merge_adapter(
         snakemake.input.hf,
         snakemake.input.adapter,

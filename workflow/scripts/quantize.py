@@ -1,16 +1,7 @@
-from pathlib import Path
-
 from llmpipe.gguf import quantize_gguf
-from llmpipe.resources import Usage
-from llmpipe.script import logged
+from llmpipe.script import measured_job
 
-reference = Path(snakemake.input.gguf).stem.removeprefix(f"{snakemake.wildcards.model}-")
-with (
-    logged(snakemake.log[0], snakemake.rule),
-    Usage.of_job(
-        snakemake, quant=snakemake.params.quant, source=reference, threads=snakemake.threads
-    ) as usage,
-):
+with measured_job(snakemake) as usage:
     quantize_gguf(
         snakemake.input.gguf,
         snakemake.output.gguf,
