@@ -159,7 +159,7 @@ def test_greedy_argmax_picks_what_llamas_greedy_sampler_picks(smollm2_gguf):
     from llmpipe.evaluation import llama_backend as lb
     from llmpipe.evaluation.records import Sampling
 
-    llm = lb.load(str(smollm2_gguf("Q8_0")), lb.LlamaSettings(n_threads=2))
+    llm = lb.load(str(smollm2_gguf("Q8_0")), lb.LlamaSettings.from_config({}, threads=2))
     prompts = list(enumerate(read_prompts("config/prompts.txt")))
     sampling = Sampling(max_new_tokens=24, temperature=0.0)
     fast = lb.generate(llm, prompts, sampling, argmax_greedy=True)

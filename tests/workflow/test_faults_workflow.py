@@ -24,7 +24,7 @@ def test_prompt_longer_than_context(smollm2_gguf):
     from llmpipe.evaluation.llama_backend import LlamaSettings, generate, load
     from llmpipe.evaluation.records import Sampling
 
-    llm = load(str(smollm2_gguf("Q4_K_M")), LlamaSettings(n_ctx=64, n_threads=2))
+    llm = load(str(smollm2_gguf("Q4_K_M")), LlamaSettings.from_config({"n_ctx": 64}, threads=2))
     # llama.cpp rounds the context up to a multiple of 256
     with pytest.raises(ConfigError, match=r"prompt 1 has \d+ tokens, more than .*n_ctx=256"):
         generate(llm, [(0, "word " * 600)], Sampling(max_new_tokens=4))

@@ -53,7 +53,9 @@ def converted(tmp_path_factory, bpe_cache):
 
 
 def _settings() -> lb.LlamaSettings:
-    return lb.LlamaSettings(kv_type="f32", flash_attn=False, tune_threads=False)
+    return lb.LlamaSettings.from_config(
+        {"kv_type": "f32", "flash_attn": False, "tune_threads": False}, 2
+    )
 
 
 def _hf(folder):

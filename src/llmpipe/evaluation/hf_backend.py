@@ -30,35 +30,27 @@ from pathlib import Path
 import numpy as np
 
 from llmpipe import config as cfg
-from llmpipe.errors import ConfigError, ResourceError
+from llmpipe.errors import ResourceError
 from llmpipe.evaluation.records import PromptResult, Sampling, choose_threads
-
-DTYPES = cfg.choices("evaluate.transformers.dtype")
-DEVICES = cfg.choices("evaluate.transformers.device")
 
 
 @dataclass(frozen=True)
 class HFSettings:
-    """Config ``evaluate.transformers``."""
+    """A typed view of config ``evaluate.transformers``, validated by the schema (its defaults
+    fill what a caller leaves out); ``threads`` is the job's."""
 
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 16
-    attn_implementation: str = "sdpa"
-    tune_threads: bool = True
-    compile: bool = False
-    threads: int = 2
+    device: str
+    dtype: str
+    batch_size: int
+    attn_implementation: str
+    tune_threads: bool
+    compile: bool
+    threads: int
 
     @classmethod
     def from_config(cls, section: dict, threads: int) -> HFSettings:
-        values = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
-        values["threads"] = threads
-        settings = cls(**values)
-        if settings.device not in DEVICES:
-            raise ConfigError(f"evaluate.transformers.device: '{settings.device}' not in {DEVICES}")
-        if settings.dtype not in DTYPES:
-            raise ConfigError(f"evaluate.transformers.dtype: '{settings.dtype}' not in {DTYPES}")
-        return settings
+        values = {**cfg.defaults("evaluate.transformers"), **section, "threads": threads}
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
     @property
     def uses_gpu(self) -> bool:

@@ -24,48 +24,36 @@ from llmpipe import config as cfg
 from llmpipe.errors import ConfigError, PipelineError
 from llmpipe.evaluation.records import PromptResult, Sampling, choose_threads
 
-SPLIT_MODES = cfg.choices("evaluate.llama_cpp.split_mode")
-KV_TYPES = cfg.choices("evaluate.llama_cpp.kv_type")
-
 
 @dataclass(frozen=True)
 class LlamaSettings:
-    """Config ``evaluate.llama_cpp`` (threads resolved to the job's count when null)."""
+    """A typed view of config ``evaluate.llama_cpp``, validated by the schema (its defaults fill
+    what a caller leaves out); threads resolved to the job's count when null."""
 
-    n_threads: int = 2
-    n_threads_batch: int = 2
-    n_gpu_layers: int = 0
-    n_ctx: int = 2048
-    n_batch: int = 512
-    n_ubatch: int = 512
-    split_mode: str = "layer"
-    tensor_split: tuple[float, ...] | None = None
-    main_gpu: int = 0
-    flash_attn: bool = True
-    kv_type: str = "f16"
-    use_mmap: bool = True
-    offload_kqv: bool = True
-    tune_threads: bool = True
+    n_threads: int
+    n_threads_batch: int
+    n_gpu_layers: int
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    split_mode: str
+    tensor_split: tuple[float, ...] | None
+    main_gpu: int
+    flash_attn: bool
+    kv_type: str
+    use_mmap: bool
+    offload_kqv: bool
+    tune_threads: bool
 
     @classmethod
     def from_config(cls, section: dict, threads: int) -> LlamaSettings:
-        values = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
+        values = {**cfg.defaults("evaluate.llama_cpp"), **section}
+        values = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         values["n_threads"] = values.get("n_threads") or threads
         values["n_threads_batch"] = values.get("n_threads_batch") or values["n_threads"]
         if values.get("tensor_split") is not None:
             values["tensor_split"] = tuple(float(x) for x in values["tensor_split"])
-        settings = cls(**values)
-        if settings.split_mode not in SPLIT_MODES:
-            raise ConfigError(
-                f"evaluate.llama_cpp.split_mode: '{settings.split_mode}' (expected one of "
-                f"{', '.join(SPLIT_MODES)})"
-            )
-        if settings.kv_type not in KV_TYPES:
-            raise ConfigError(
-                f"evaluate.llama_cpp.kv_type: '{settings.kv_type}' (expected one of "
-                f"{', '.join(KV_TYPES)})"
-            )
-        return settings
+        return cls(**values)
 
     @property
     def uses_gpu(self) -> bool:
