@@ -18,11 +18,11 @@ from llmpipe import architectures as arch
 from llmpipe import config as cfg
 from llmpipe import resources as res
 from llmpipe.estimate.hardware import bandwidth_table
-from llmpipe.evaluation import backend
+from llmpipe.evaluation.backend import BACKENDS
 from llmpipe.finetune import settings as ft
 
 # The evaluation backends (the {backend} wildcard) and their config sections, from the registry.
-BACKEND_SECTIONS = {name: spec.section for name, spec in backend.BACKENDS.items()}
+BACKEND_SECTIONS = {name: spec.section for name, spec in BACKENDS.items()}
 # The estimator step an evaluation job plans with, per backend.
 BACKEND_STEPS = {"llama.cpp": "evaluate_llama_cpp", "transformers": "evaluate_transformers"}
 # Evaluation job kinds: generation shards, the reference's perplexity, a variant's quality.
