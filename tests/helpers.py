@@ -156,7 +156,9 @@ def copy_run(src: Path, dest: Path) -> Path:
         symlinks=True,
         ignore=shutil.ignore_patterns("conda", "singularity", "log", "locks"),
     )
-    shutil.copytree(src / "results", dest / "results", symlinks=True, copy_function=os.link)
+    # benchmarks/ too: the jobs' benchmark files are outputs (aggregate_stats reads them)
+    for folder in ("results", "benchmarks"):
+        shutil.copytree(src / folder, dest / folder, symlinks=True, copy_function=os.link)
     return dest
 
 

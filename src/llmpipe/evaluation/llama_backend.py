@@ -493,9 +493,13 @@ class LlamaCppModel:
 
     def __init__(self, path, settings: LlamaSettings, n_ctx: int | None) -> None:
         from llmpipe import provenance
+        from llmpipe.evaluation.figures import gguf_weight_bytes
 
         self.path = Path(path)
         self.cfg = settings
+        # Read before the model is loaded: the reader maps the whole file, and with the model's
+        # own mapping of it the job's peak memory would count the file twice.
+        self._weight_bytes = gguf_weight_bytes(self.path)
         # perplexity: the whole chunk is one batch
         self.llm = load(str(path), settings, n_ctx=n_ctx, n_batch=n_ctx)
         self.on_gpu = offloads_to_gpu(settings)
@@ -528,9 +532,7 @@ class LlamaCppModel:
         return chunk_logits(self.llm, chunk_input, first)
 
     def weight_bytes(self):
-        from llmpipe.evaluation.figures import gguf_weight_bytes
-
-        return gguf_weight_bytes(self.path)
+        return self._weight_bytes
 
     def gb_disk_to_device(self) -> float:
         """The file's bytes; with partial offload, the offloaded layers' share (of the layers
