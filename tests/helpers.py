@@ -156,9 +156,10 @@ def copy_run(src: Path, dest: Path) -> Path:
         symlinks=True,
         ignore=shutil.ignore_patterns("conda", "singularity", "log", "locks"),
     )
-    # benchmarks/ too: the jobs' benchmark files are outputs (aggregate_stats reads them)
-    for folder in ("results", "benchmarks"):
-        shutil.copytree(src / folder, dest / folder, symlinks=True, copy_function=os.link)
+    shutil.copytree(src / "results", dest / "results", symlinks=True, copy_function=os.link)
+    # benchmarks/ too (outputs that aggregate_stats reads), copied: Snakemake writes a rerun
+    # job's benchmark in place, which through a hard link would touch the original's
+    shutil.copytree(src / "benchmarks", dest / "benchmarks", copy_function=shutil.copy2)
     return dest
 
 

@@ -122,13 +122,17 @@ def test_choices_and_defaults_come_from_the_schema():
         cfg.choices("evaluate.threads")
 
 
-def test_backends_take_their_choices_from_the_schema():
+def test_backends_take_their_defaults_from_the_schema():
     from llmpipe.evaluation import hf_backend, llama_backend
 
-    assert cfg.choices("evaluate.llama_cpp.kv_type") == llama_backend.KV_TYPES
-    assert cfg.choices("evaluate.llama_cpp.split_mode") == llama_backend.SPLIT_MODES
-    assert cfg.choices("evaluate.transformers.device") == hf_backend.DEVICES
-    assert cfg.choices("evaluate.transformers.dtype") == hf_backend.DTYPES
+    llama = llama_backend.LlamaSettings.from_config({}, threads=3).as_dict()
+    schema = cfg.defaults("evaluate.llama_cpp")
+    assert llama["n_threads"] == 3 and llama["n_threads_batch"] == 3
+    assert {k: v for k, v in llama.items() if not k.startswith("n_threads")} == {
+        k: v for k, v in schema.items() if k in llama and not k.startswith("n_threads")
+    }
+    hf = hf_backend.HFSettings.from_config({}, threads=3).as_dict()
+    assert hf == {**cfg.defaults("evaluate.transformers"), "threads": 3}
 
 
 def test_every_schema_key_has_a_description():
