@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -436,18 +434,3 @@ def _has_gpu_driver() -> bool:
     from llmpipe import provenance
 
     return bool(provenance.gpus())
-
-
-def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def ratio(predicted: float | None, measured: float | None) -> float | None:
-    """predicted / measured, or None when either is missing or zero."""
-    if not predicted or not measured:
-        return None
-    value = predicted / measured
-    return round(value, 3) if math.isfinite(value) else None
