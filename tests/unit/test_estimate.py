@@ -314,6 +314,13 @@ def test_generation_keeps_the_last_positions_logits_perplexity_all_of_them():
     ppl = est.evaluate_transformers(s, dtype="f16", batch=1, seq_len=512, full_logits=True)
     assert gen.detail["logits_bytes"] == 16 * 32000 * (2 + 4 + 4)
     assert ppl.detail["logits_bytes"] == 512 * 32000 * (2 + 4 + 4)
+    # compare_finetune scores the response only: every position's logits in the dtype, and the
+    # 20 scored ones copied out (f16), upcast (fp32) and log-softmaxed (fp32); in f32 no upcast
+    kw = {"batch": 4, "seq_len": 100, "full_logits": True, "scored_tokens": 20}
+    resp = est.evaluate_transformers(s, dtype="f16", **kw)
+    assert resp.detail["logits_bytes"] == 4 * 32000 * (100 * 2 + 20 * (2 + 4 + 4))
+    resp32 = est.evaluate_transformers(s, dtype="f32", hw=est.cpu(), **kw)
+    assert resp32.detail["logits_bytes"] == 4 * 32000 * (100 * 4 + 20 * (4 + 4))
 
 
 def test_merge_holds_the_model_once_in_its_dtype():

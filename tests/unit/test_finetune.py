@@ -149,7 +149,7 @@ def test_compare_plans_as_a_transformers_evaluation_of_the_heldout_set(tmp_path)
     # batch: the 2 examples; prompt 90 B -> 30 tokens + 64 for the template + answer 11
     assert opts == {
         "hw": "cpu", "dtype": "f32", "batch": 2, "seq_len": 30 + 64 + 11, "new_tokens": 19,
-        "samples": 4, "full_logits": True,
+        "samples": 4, "full_logits": True, "scored_tokens": 11,
     }  # fmt: skip
     gpu = ft.compare_estimate_options(ft.Settings(device="cuda"), str(tmp_path / "missing"))
     assert gpu["hw"] == "gpu" and gpu["dtype"] == "f16" and gpu["batch"] == 16

@@ -67,6 +67,7 @@ def evaluate_transformers(
     samples: int = 16,
     staged: bool = False,
     full_logits: bool = True,
+    scored_tokens: int | None = None,
     a: Assumptions = DEFAULTS,
 ) -> Estimate:
     """Evaluation with transformers: ``samples`` prompts of ``seq_len`` tokens (default: fill
@@ -75,7 +76,10 @@ def evaluate_transformers(
     GPU memory: weights in ``dtype`` (f16/bf16/f32, or bitsandbytes int8/nf4) + KV cache for
     batch x (prompt + new tokens) + the widest layer's transient activations + logits: for every
     position with ``full_logits`` (a perplexity pass keeps them in the dtype, upcast to fp32,
-    and a fp32 log-softmax), for the last one only in generation (``full_logits=False``)
+    and a fp32 log-softmax), for the last one only in generation (``full_logits=False``);
+    ``scored_tokens``: only that many positions per sequence are scored (compare_finetune
+    scores the response): the logits of every position stay in the dtype, and only the scored
+    ones are copied out, upcast and log-softmaxed
     + per-GPU CUDA/framework overhead. Layers split across GPUs with ``device_map``.
     Host memory: the process, the checkpoint's memory-mapped pages while it loads (resident,
     from the RAM disk or the page cache) and, for a GPU, one tensor being converted to
@@ -89,7 +93,12 @@ def evaluate_transformers(
     weights = weights_bytes(shape, fmt)
     kv = shape.kv_cache_bytes(seq_len + new_tokens, batch, b)
     act = batch * seq_len * shape.inference_activation_bytes_per_token(b, seq_len)
-    logits = batch * (seq_len if full_logits else 1) * shape.vocab * (b + 4 + 4)
+    if full_logits and scored_tokens is not None:
+        scored = min(scored_tokens, seq_len)
+        upcast = 4 if b < 4 else 0
+        logits = batch * shape.vocab * (seq_len * b + scored * (b + upcast + 4))
+    else:
+        logits = batch * (seq_len if full_logits else 1) * shape.vocab * (b + 4 + 4)
     alibi = batch * seq_len * shape.alibi_bytes_per_token(seq_len, b)
     dequant = (
         max(lin.d_in * lin.d_out for lin in shape.layer_linears()) * 2

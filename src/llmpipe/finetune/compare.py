@@ -113,6 +113,26 @@ def evaluate_model(
     return result, predictions
 
 
+def release_memory(device: str) -> None:
+    """Hand the freed model back before the next one loads. glibc keeps freed heap pages
+    resident (its mmap threshold rises after the first large free), so without a trim the
+    second model's peak sits on the first one's leftovers, by an amount that varies with the
+    machine's load."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def compare(
     *,
     base_hf: str,
@@ -149,6 +169,7 @@ def compare(
         )
         rows.append({"role": role, "model": model_id, **result})
         answers[role] = predictions
+        release_memory(device)
         print(
             f"{role} ({model_id}): accuracy {result['accuracy']:.3f} "
             f"({result['correct']}/{result['examples']}), perplexity {result['perplexity']:.3f}",

@@ -342,7 +342,7 @@ def plan_options(settings: Mapping[str, Any], train: str) -> dict[str, Any]:
 def compare_estimate_options(settings: Mapping[str, Any], heldout: str) -> dict[str, Any]:
     """Options of ``llmpipe.estimate.evaluate_transformers`` for compare_finetune: each model
     (one at a time) generates answers to the held-out examples in batches, then scores every
-    example in one forward pass with the logits of every position."""
+    example in one forward pass: logits of every position, log-likelihood of the response's."""
     s = from_dict(settings) if not isinstance(settings, Settings) else settings
     on_gpu = s.device == "cuda"
     size = DataSize.of(heldout) or DataSize(s.task_heldout_examples, 256, 64)
@@ -355,4 +355,5 @@ def compare_estimate_options(settings: Mapping[str, Any], heldout: str) -> dict[
         "new_tokens": size.response_tokens + 8,  # as compare: the longest answer + 8
         "samples": 2 * max(1, examples),  # base, then tuned
         "full_logits": True,
+        "scored_tokens": size.response_tokens,  # as compare: the response's positions only
     }
