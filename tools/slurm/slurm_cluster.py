@@ -1,10 +1,13 @@
-"""A real, single-node Slurm cluster on localhost for the Slurm tests (and for developers).
+"""A real Slurm cluster of two nodes on localhost for the Slurm tests (and for developers).
 
 `LocalSlurmCluster` starts the real Debian 12 daemons (Slurm 22.05): MariaDB -> slurmdbd, munged,
 slurmctld and slurmd, each from its system binary, with configs written into a private state
-folder. It mimics the target site: partitions `cpu` (default) and `gpu`, one node with
+folder. It mimics the target site: partitions `cpu` (default) and `gpu` on the first node, with
 `Gres=gpu:v100d32q:1` backed by a stand-in char device, slurmdbd accounting (so `sacct` works and
 records GPU TRES) and an account/user association (so `--account` is checked like on a real site).
+A second node (a second slurmd on this host, `slurmd -N`, its own port and spool folder) joins
+the first in partition `multi`, for jobs that span nodes; both nodes share this host's file
+system, so `sbcast` needs `--force` (the second node finds the first one's copy).
 Beside it: slurm_client.py (client commands), slurm_configs.py (the config files),
 slurm_processes.py (daemons and /proc), slurm_setup.py (packages, stale configs). The Slurm tests
 get it from tests/slurm/conftest.py; tools/slurm/dev_cluster.py keeps one running for development.
@@ -83,7 +86,7 @@ def free_ports(count: int) -> list[int]:
 
 
 class LocalSlurmCluster(SlurmClient):
-    """A one-node Slurm cluster whose configs, logs, spool and database live in `state_dir`.
+    """A two-node Slurm cluster whose configs, logs, spool and database live in `state_dir`.
 
     `conf_dir` (default `state_dir/etc`) is where slurm.conf, gres.conf, cgroup.conf and
     slurmdbd.conf are written; pass Path("/etc/slurm") to make the default SLURM_CONF work.
@@ -93,6 +96,7 @@ class LocalSlurmCluster(SlurmClient):
     cluster_name = "llmpipe"
     cpu_partition = "cpu"
     gpu_partition = "gpu"
+    multi_partition = "multi"
     gpu_type = "v100d32q"
 
     def __init__(
@@ -119,8 +123,9 @@ class LocalSlurmCluster(SlurmClient):
         self.log_dir = self.state_dir / "log"
         self.db_dir = self.state_dir / "mysql"
         self.db_socket = self.db_dir / "mysqld.sock"
-        self.gpu_device = self.state_dir / "fake-gpu0"
         self.hostname = socket.gethostname().split(".")[0]
+        self.nodes = (self.hostname, f"{self.hostname}-2")
+        self.gpu_devices = {n: self.state_dir / f"fake-gpu{i}" for i, n in enumerate(self.nodes)}
         self.daemons: list[Daemon] = []
         self.ports: dict[str, int] = {}
         self.startup_seconds: float | None = None
@@ -141,14 +146,21 @@ class LocalSlurmCluster(SlurmClient):
     def node_name(self) -> str:
         return self.hostname
 
+    def slurmd_port(self, node: str) -> int:
+        return self.ports["slurmd" if node == self.hostname else "slurmd2"]
+
+    def slurmd_daemon_name(self, node: str) -> str:
+        return "slurmd" if node == self.hostname else "slurmd2"
+
     # ----------------------------------------------------------------- configuration
 
     def _prepare_state(self) -> None:
         (self.state_dir / STATE_MARKER).touch()
-        for sub in ("log", "slurmctld", "slurmd"):
+        for sub in ("log", "slurmctld", *(f"slurmd/{node}" for node in self.nodes)):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
-        if not self.gpu_device.exists():
-            os.mknod(self.gpu_device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        for device in self.gpu_devices.values():
+            if not device.exists():
+                os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         # munged insists on its own user owning key, socket folder and log, and on no
         # group/other access to the key.
         munge = pwd.getpwnam("munge")
@@ -243,7 +255,8 @@ class LocalSlurmCluster(SlurmClient):
         if self.record_file.exists() or self.daemons:
             self.stop()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ports = dict(zip(("slurmctld", "slurmd", "slurmdbd"), free_ports(3), strict=True))
+        names = ("slurmctld", "slurmd", "slurmd2", "slurmdbd")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         try:
             self._prepare_state()
             write_configs(self)
@@ -365,21 +378,29 @@ class LocalSlurmCluster(SlurmClient):
         log = self.log_dir
         dbd = next(d for d in self.daemons if d.name == "slurmdbd")
         ctld = self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i"], log / "slurmctld.log")
-        slurmd = self._spawn("slurmd", ["/usr/sbin/slurmd", "-D"], log / "slurmd.log")
+        slurmds = {
+            node: self._spawn(
+                self.slurmd_daemon_name(node),
+                ["/usr/sbin/slurmd", "-D", "-N", node],
+                log / f"slurmd-{node}.log",
+            )
+            for node in self.nodes
+        }
+        slurmd = slurmds[self.hostname]
         self._wait_for(
             ctld, "slurmctld to answer `scontrol ping`", lambda: self._ping() == "UP", 30, 0.2
         )
-        self._wait_for(
-            slurmd,
-            f"node {self.hostname} to register with slurmctld",
-            lambda: self._node_state() not in ("", "UNKNOWN", "UNKNOWN*", "DOWN*"),
-            30,
-            0.2,
-        )
-        state = self._node_state()
-        if any(s in state for s in ("DRAIN", "DOWN", "FAIL")):
-            # A drain survives restarts in StateSaveLocation; the node is fine now.
-            self.run("scontrol", "update", f"nodename={self.hostname}", "state=resume")
+        for node, daemon in slurmds.items():
+            self._wait_for(
+                daemon,
+                f"node {node} to register with slurmctld",
+                lambda node=node: self._node_state(node) not in ("", "UNKNOWN", "UNKNOWN*", "DOWN*"),
+                30,
+                0.2,
+            )
+            if any(s in self._node_state(node) for s in ("DRAIN", "DOWN", "FAIL")):
+                # A drain survives restarts in StateSaveLocation; the node is fine now.
+                self.run("scontrol", "update", f"nodename={node}", "state=resume")
 
         # Readiness = a job really runs (sinfo's "idle" is not enough) and accounting has it.
         try:
@@ -437,8 +458,8 @@ class LocalSlurmCluster(SlurmClient):
         match = re.search(r"is (UP|DOWN)", proc.stdout) if proc else None
         return match.group(1) if match else ""
 
-    def _node_state(self) -> str:
-        proc = self._probe("sinfo", "-h", "-N", "-n", self.hostname, "-o", "%T")
+    def _node_state(self, node: str | None = None) -> str:
+        proc = self._probe("sinfo", "-h", "-N", "-n", node or self.hostname, "-o", "%T")
         out = proc.stdout.strip() if proc else ""
         return out.splitlines()[0].upper() if out else ""
 
@@ -467,7 +488,7 @@ class LocalSlurmCluster(SlurmClient):
                     while self._queued_jobs() and time.monotonic() < deadline:
                         time.sleep(0.2)
         # Slurm daemons first (they flush state to slurmdbd), then the database, then munge.
-        for group in (("slurmd", "slurmctld"), ("slurmdbd",), ("mariadbd", "munged")):
+        for group in (("slurmd", "slurmd2", "slurmctld"), ("slurmdbd",), ("mariadbd", "munged")):
             members = [by_name[n] for n in group if n in by_name]
             for daemon in members:
                 daemon.signal(signal.SIGTERM)

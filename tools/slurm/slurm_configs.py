@@ -22,9 +22,10 @@ SYSTEM_CONF_DIR = Path("/etc/slurm")  # where every Slurm client looks without S
 
 def write_configs(cluster: LocalSlurmCluster) -> None:
     """Write the four config files into `cluster.conf_dir`."""
-    node, made_up = node_line(cluster)
-    # slurmd accepts a node bigger than the hardware only with config_overrides.
-    overrides = "SlurmdParameters=config_overrides\n" if made_up else ""
+    nodes = node_lines(cluster)
+    # slurmd accepts a node bigger than the hardware only with config_overrides, and the two
+    # nodes on one host together claim it twice.
+    overrides = "SlurmdParameters=config_overrides\n"
     cluster.conf_dir.mkdir(parents=True, exist_ok=True)
     auth = f"AuthType=auth/munge\nAuthInfo=socket={cluster.munge_dir / 'munge.socket'}\n"
     slurm_conf = f"""{MARKER}
@@ -37,11 +38,12 @@ SlurmUser=root
 SlurmdUser=root
 {auth}CredType=cred/munge
 StateSaveLocation={cluster.state_dir / "slurmctld"}
-SlurmdSpoolDir={cluster.state_dir / "slurmd"}
+# One slurmd per node, all on this host: %n (the node's name) keeps their files apart.
+SlurmdSpoolDir={cluster.state_dir / "slurmd" / "%n"}
 SlurmctldPidFile={cluster.state_dir / "slurmctld.pid"}
-SlurmdPidFile={cluster.state_dir / "slurmd.pid"}
+SlurmdPidFile={cluster.state_dir / "slurmd-%n.pid"}
 SlurmctldLogFile={cluster.log_dir / "slurmctld.log"}
-SlurmdLogFile={cluster.log_dir / "slurmd.log"}
+SlurmdLogFile={cluster.log_dir / "slurmd-%n.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 # No cgroups here (containers, no systemd): track processes by parent pid, no task binding.
@@ -76,15 +78,18 @@ AccountingStoragePass={cluster.munge_dir / "munge.socket"}
 AccountingStorageTRES=gres/gpu,gres/gpu:{cluster.gpu_type}
 # Reject jobs whose --account has no association, as a real site does.
 AccountingStorageEnforce=associations
-{overrides}{node}
+{overrides}{nodes}
 PartitionName={cluster.cpu_partition} Nodes={cluster.hostname} Default=YES MaxTime=INFINITE State=UP
 PartitionName={cluster.gpu_partition} Nodes={cluster.hostname} MaxTime=INFINITE State=UP
+# Jobs that span nodes (RPC evaluation, sbcast staging, multi-node fine-tune) ask for this one;
+# the others keep the single node they always had.
+PartitionName={cluster.multi_partition} Nodes={",".join(cluster.nodes)} MaxTime=INFINITE State=UP
 """
     # 22.05 ignores a count-only GPU gres: it needs a File=. Any char device does; jobs then
     # get CUDA_VISIBLE_DEVICES=0. (c 1 3 is /dev/null's device number.)
-    gres_conf = (
-        f"{MARKER}\nNodeName={cluster.hostname} Name=gpu Type={cluster.gpu_type} "
-        f"File={cluster.gpu_device}\n"
+    gres_conf = MARKER + "\n" + "".join(
+        f"NodeName={node} Name=gpu Type={cluster.gpu_type} File={cluster.gpu_devices[node]}\n"
+        for node in cluster.nodes
     )
     # Not used by proctrack/linuxproc + task/none; written so no site cgroup.conf leaks in.
     # (The state line lets remove_configs recognise this file as this cluster's.)
@@ -117,9 +122,10 @@ StorageLoc=slurm_acct_db
         path.chmod(mode)
 
 
-def node_line(cluster: LocalSlurmCluster) -> tuple[str, bool]:
-    """This machine's NodeName= line, and whether its CPU count is made up (`cluster.cpus`)."""
-    # `slurmd -C` reports this machine's real topology, so the node never drains for a
+def node_lines(cluster: LocalSlurmCluster) -> str:
+    """The NodeName= lines: this machine's topology for each node, every node on 127.0.0.1
+    with its own slurmd port."""
+    # `slurmd -C` reports this machine's real topology, so a node never drains for a
     # CPU/memory mismatch.
     proc = subprocess.run(
         ["/usr/sbin/slurmd", "-C"], capture_output=True, text=True, timeout=30, check=True
@@ -128,12 +134,11 @@ def node_line(cluster: LocalSlurmCluster) -> tuple[str, bool]:
     fields = parse_scontrol_record(line)
     fields.pop("NodeName", None)
     cpus = cluster.cpus or max(2, int(fields["CPUs"]))
-    made_up = cpus != int(fields["CPUs"])
-    if made_up:
+    if cpus != int(fields["CPUs"]):
         fields = {"CPUs": str(cpus), "RealMemory": fields["RealMemory"]}
     topo = " ".join(f"{k}={v}" for k, v in fields.items())
-    line = (
-        f"NodeName={cluster.hostname} NodeAddr=127.0.0.1 {topo} "
-        f"Gres=gpu:{cluster.gpu_type}:1 State=UNKNOWN"
+    return "\n".join(
+        f"NodeName={node} NodeHostname={cluster.hostname} NodeAddr=127.0.0.1 "
+        f"Port={cluster.slurmd_port(node)} {topo} Gres=gpu:{cluster.gpu_type}:1 State=UNKNOWN"
+        for node in cluster.nodes
     )
-    return line, made_up
