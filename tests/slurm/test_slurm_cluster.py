@@ -27,7 +27,11 @@ def test_client_env_reaches_controller(slurm_cluster: LocalSlurmCluster) -> None
     partitions = subprocess.run(
         ["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=10, check=True
     ).stdout.split()
-    assert partitions == [f"{slurm_cluster.cpu_partition}*", slurm_cluster.gpu_partition]
+    assert partitions == [
+        f"{slurm_cluster.cpu_partition}*",
+        slurm_cluster.gpu_partition,
+        slurm_cluster.multi_partition,
+    ]
 
 
 def test_gpu_job_gets_gres_and_tres(slurm_cluster: LocalSlurmCluster, tmp_path: Path) -> None:
