@@ -17,7 +17,9 @@ from typing import Any, NamedTuple
 from llmpipe import architectures as arch
 from llmpipe import config as cfg
 from llmpipe import resources as res
+from llmpipe.errors import ConfigError
 from llmpipe.estimate.hardware import bandwidth_table
+from llmpipe.evaluation import placements as pl
 from llmpipe.evaluation.backend import BACKENDS
 from llmpipe.finetune import settings as ft
 
@@ -186,7 +188,78 @@ class RunPlan:
                     outputs += [f"{stem}.json", f"{stem}.texts.jsonl"]
             if self.runs_sweep(model):
                 outputs.append(f"results/eval/{model}/sweep-llama.cpp.tsv")
-        return outputs
+        return outputs + self.placement_outputs()
+
+    # ---- Placements (evaluate_placement) ------------------------------------------------------
+    @functools.cached_property
+    def placement_plan(self) -> list[tuple[pl.Placement, str | None]]:
+        """Every configured placement and why this run cannot measure it (None: it can),
+        decided here, before anything runs."""
+        section = self.eval["placements"]
+        if not section["enabled"] or "llama.cpp" not in self.backends:
+            return []
+        variant = self.placement_variant
+        if variant not in (self.reference, *self.quants):
+            raise ConfigError(
+                f"evaluate.placements.variant: {variant!r} is neither gguf.reference nor one of "
+                f"the quantizations ({', '.join(self.quants) or 'none'})"
+            )
+        gpus, rpc = pl.gpu_build(), pl.rpc_build()
+        return [
+            (p, pl.why_not(p, gpus_available=gpus, rpc_available=rpc))
+            for p in pl.placements(section)
+        ]
+
+    @property
+    def placement_variant(self) -> str:
+        return self.eval["placements"]["variant"] or self.reference
+
+    def placement(self, name: str) -> pl.Placement:
+        return next(p for p, _ in self.placement_plan if p.name == name)
+
+    def placements_run(self) -> list[pl.Placement]:
+        return [p for p, why in self.placement_plan if why is None]
+
+    def placement_notes(self) -> dict[str, str]:
+        """The placements not run, with the reason (for the summary)."""
+        return {p.name: why for p, why in self.placement_plan if why is not None}
+
+    def placement_models(self) -> list[str]:
+        """The configured models (a tuned model has its base's shape, so its base's speed)."""
+        variant = self.placement_variant if self.placement_plan else None
+        return [
+            m
+            for m in self.gguf_models
+            if m not in self.tuned_bases and variant in self.gguf_variants(m)
+        ]
+
+    def placement_estimate(self, name: str) -> tuple[str, dict]:
+        """A placement job plans as a llama.cpp evaluation of the placed GGUF: llama-bench's
+        prompt test and generation test, after one warm-up, on the whole model."""
+        section, llama = self.eval["placements"], self.eval["llama_cpp"]
+        placement = self.placement(name)
+        return "evaluate_llama_cpp", {
+            "hw": "gpu" if placement.gpus else "cpu",
+            "quant": self.placement_variant,
+            "kv_type": llama["kv_type"],
+            "flash_attn": llama["flash_attn"],
+            "n_ctx": max(section["n_prompt"] + section["n_gen"], 64),
+            "seq_len": section["n_prompt"],
+            "new_tokens": section["n_gen"],
+            "samples": section["repetitions"] + 1,
+            "outputs": 1,
+            "staged": False,
+        }
+
+    def placement_json(self, model: str, name: str) -> str:
+        return f"results/eval/{model}/placements/{name}.json"
+
+    def placement_outputs(self) -> list[str]:
+        return [
+            self.placement_json(m, p.name)
+            for m in self.placement_models()
+            for p in self.placements_run()
+        ]
 
     def eval_quality(self, model: str, variant: str, backend: str) -> str:
         """The reference's quality is its own perplexity (KLD 0); others are compared with it."""

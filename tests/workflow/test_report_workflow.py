@@ -71,3 +71,28 @@ def test_html_report_builds(default_run, tmp_path):
     assert html.stat().st_size > 50_000
     for name in ("summary.csv", "summary.md", "resources.csv", "quality_vs_size.png"):
         assert name in text, name
+
+
+def test_placements_table_on_the_default_run(default_run):
+    """The guide's comparison: the default model's reference GGUF on the CPU with 1 and 2
+    threads and split over two hosts (two rpc-servers on 127.0.0.1, llama.cpp's RPC backend);
+    the GPU placements are listed as not run, with the reason."""
+    import json
+
+    folder = default_run / "results" / "eval" / "smollm2" / "placements"
+    records = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    assert set(records) == {"cpu-1-thread", "cpu", "2-hosts"}
+    for r in records.values():
+        assert r["pp_tok_s"] > 0 and r["tg_tok_s"] > 0 and r["load_s"] > 0
+        assert r["gb_moved"] > 0.2 and r["provenance"]["git"]
+    hosts = records["2-hosts"]
+    assert hosts["where"] == "local" and len(hosts["servers"]) == 2
+    assert sum(d.startswith("RPC") for d in hosts["devices"]) == 2
+    assert records["cpu-1-thread"]["threads"] == 1
+    page = (default_run / "results" / "stats" / "summary.md").read_text()
+    section = page[page.index("## Placements") :]
+    for name in records:
+        assert f"| smollm2 | F16 | {name} (" in section
+    assert "- `1-gpu`: needs 1 GPU(s) per host" in section
+    png = default_run / "results" / "stats" / "plots" / "placements.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC

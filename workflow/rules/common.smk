@@ -120,6 +120,30 @@ def get_sweep_ggufs(wildcards):
     }
 
 
+def get_placement_gguf(wildcards):
+    return PLAN.gguf(wildcards.model, PLAN.placement_variant)
+
+
+def get_placement(wildcards):
+    return PLAN.placement(wildcards.placement)
+
+
+def get_placement_threads(wildcards):
+    return PLAN.placement(wildcards.placement).threads or EVAL["threads"]
+
+
+def get_placement_gpus(wildcards):
+    return PLAN.placement(wildcards.placement).gpus
+
+
+def get_placement_hosts(wildcards):
+    return PLAN.placement(wildcards.placement).hosts
+
+
+def placement_estimate(wildcards):
+    return list(PLAN.placement_estimate(wildcards.placement))
+
+
 def get_finetune_settings(wildcards):
     return PLAN.finetune_settings(wildcards.model)
 
@@ -202,6 +226,10 @@ def get_stats_benchmarks(wildcards):
 
 def get_stats_job_ids(wildcards):
     return [[job.rule, job.model, job.target] for job in PLAN.stats_jobs()]
+
+
+def get_stats_placements(wildcards):
+    return PLAN.placement_outputs()
 
 
 def get_stats_loss_csvs(wildcards):

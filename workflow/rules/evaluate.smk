@@ -198,3 +198,35 @@ rule evaluate_sweep:
         repetitions=EVAL["sweep"]["repetitions"],
     script:
         "../scripts/evaluate_sweep.py"
+
+
+# One GGUF per model on each placement of evaluate.placements (CPU, GPUs, several hosts by
+# llama.cpp's RPC backend): llama-bench's two tests, for the summary's placements table.
+rule evaluate_placement:
+    input:
+        gguf=get_placement_gguf,
+    output:
+        result="results/eval/{model}/placements/{placement}.json",
+    log:
+        "logs/evaluate_placement/{model}-{placement}.log",
+    benchmark:
+        "benchmarks/evaluate_placement/{model}-{placement}.tsv"
+    conda:
+        "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("llama_cpp"),
+    threads: get_placement_threads
+    resources:
+        **job_resources(placement_estimate, gpus=get_placement_gpus),
+        # Several hosts: one node each, the job's first runs the evaluation.
+        nodes=get_placement_hosts,
+        tasks=get_placement_hosts,
+    params:
+        placement=get_placement,
+        variant=PLAN.placement_variant,
+        settings=EVAL["llama_cpp"],
+        n_prompt=EVAL["placements"]["n_prompt"],
+        n_gen=EVAL["placements"]["n_gen"],
+        repetitions=EVAL["placements"]["repetitions"],
+    script:
+        "../scripts/evaluate_placement.py"

@@ -15,5 +15,7 @@ with logged(snakemake.log[0], snakemake.rule):
         out_plots=snakemake.output.plots,
         out_provenance=snakemake.output.provenance,
         gguf_notes=snakemake.params.gguf_notes,
+        placement_jsons=list(snakemake.input.placements),
+        placement_notes=snakemake.params.placement_notes,
     )
     print(f"aggregate_stats: {counts}")

@@ -45,7 +45,7 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def _ggml() -> ctypes.CDLL:
+def ggml() -> ctypes.CDLL:
     """The binding's own libggml (the one its libllama is linked against)."""
     import llama_cpp
 
@@ -63,7 +63,20 @@ def _ggml() -> ctypes.CDLL:
     g.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
     g.ggml_backend_dev_description.restype = ctypes.c_char_p
     g.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_reg_count.restype = ctypes.c_size_t
+    g.ggml_backend_reg_get.restype = ctypes.c_void_p
+    g.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+    g.ggml_backend_reg_name.restype = ctypes.c_char_p
+    g.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
     return g
+
+
+def backend_registries() -> list[str]:
+    """The backends this llama.cpp build has (CPU, RPC, CUDA …), whether or not this machine
+    has a device for them (a login node has the CUDA backend and no GPU)."""
+    g = ggml()
+    return [g.ggml_backend_reg_name(g.ggml_backend_reg_get(i)).decode()
+            for i in range(g.ggml_backend_reg_count())]  # fmt: skip
 
 
 def register(endpoints: Sequence[str]) -> list[str]:
@@ -76,7 +89,7 @@ def register(endpoints: Sequence[str]) -> list[str]:
             "this llama-cpp-python build has no RPC backend: rebuild with tools/setup.sh "
             "(LLMPIPE_RPC=1, the default)"
         )
-    g = _ggml()
+    g = ggml()
     reg = g.ggml_backend_reg_by_name(b"RPC")
     address = g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server") if reg else 0
     if not address:
@@ -96,7 +109,7 @@ def register(endpoints: Sequence[str]) -> list[str]:
 
 def devices() -> list[tuple[str, str]]:
     """(name, description) of every ggml device this process can use (CPU, GPUs, RPC)."""
-    g = _ggml()
+    g = ggml()
     out = []
     for i in range(g.ggml_backend_dev_count()):
         dev = g.ggml_backend_dev_get(i)

@@ -78,9 +78,10 @@ def markdown(
     prov: Mapping[str, Any],
     finetune: Mapping[str, str] | None = None,
     gguf_notes: Mapping[str, str] | None = None,
+    placements: Sequence[str] = (),
 ) -> str:
     """summary.md; ``finetune``: {model: its loss plot}; ``gguf_notes``: {model: why its GGUF
-    steps were not run (or were forced)}."""
+    steps were not run (or were forced)}; ``placements``: the placements section's lines."""
     finetune, gguf_notes = finetune or {}, gguf_notes or {}
     models = list(dict.fromkeys([*summary["model"], *resources["model"], *gguf_notes]))
     by_model = dict(tuple(summary.groupby("model", sort=False)))
@@ -102,6 +103,7 @@ def markdown(
             finetune,
             gguf_notes,
         )
+    out += list(placements)
     if plots:
         out += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots] + [""]
     out += [
