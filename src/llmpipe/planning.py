@@ -493,8 +493,11 @@ class RunPlan:
         """--gres for a GPU count: gpu:<slurm.gpu_type>:<N>, or "" (no gres) for none."""
         return f"gpu:{self.config['slurm']['gpu_type']}:{gpus}" if gpus else ""
 
-    def partition(self, gpus: int) -> str:
-        """The GPU partition when a job needs GPUs; else "" (the site's default partition)."""
+    def partition(self, gpus: int, nodes: int = 1) -> str:
+        """The GPU partition when a job needs GPUs; else "" (the site's default partition);
+        slurm.multinode_partition, where set, for a job of several nodes."""
+        if nodes > 1 and self.config["slurm"].get("multinode_partition"):
+            return self.config["slurm"]["multinode_partition"]
         return self.config["slurm"]["gpu_partition"] if gpus else ""
 
 

@@ -65,6 +65,9 @@ RUN_ROOT = Path("/run/llmpipe-slurm")
 # Marks a state folder as ours, so the dev tool only ever wipes such a folder.
 STATE_MARKER = ".llmpipe-slurm-state"
 
+# sinfo's state of a node whose slurmd has not registered yet.
+UNREGISTERED = ("", "UNKNOWN", "UNKNOWN*", "DOWN*")
+
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -394,7 +397,7 @@ class LocalSlurmCluster(SlurmClient):
             self._wait_for(
                 daemon,
                 f"node {node} to register with slurmctld",
-                lambda node=node: self._node_state(node) not in ("", "UNKNOWN", "UNKNOWN*", "DOWN*"),
+                lambda node=node: self._node_state(node) not in UNREGISTERED,
                 30,
                 0.2,
             )

@@ -87,9 +87,13 @@ PartitionName={cluster.multi_partition} Nodes={",".join(cluster.nodes)} MaxTime=
 """
     # 22.05 ignores a count-only GPU gres: it needs a File=. Any char device does; jobs then
     # get CUDA_VISIBLE_DEVICES=0. (c 1 3 is /dev/null's device number.)
-    gres_conf = MARKER + "\n" + "".join(
-        f"NodeName={node} Name=gpu Type={cluster.gpu_type} File={cluster.gpu_devices[node]}\n"
-        for node in cluster.nodes
+    gres_conf = (
+        MARKER
+        + "\n"
+        + "".join(
+            f"NodeName={node} Name=gpu Type={cluster.gpu_type} File={cluster.gpu_devices[node]}\n"
+            for node in cluster.nodes
+        )
     )
     # Not used by proctrack/linuxproc + task/none; written so no site cgroup.conf leaks in.
     # (The state line lets remove_configs recognise this file as this cluster's.)

@@ -140,8 +140,26 @@ def get_placement_hosts(wildcards):
     return PLAN.placement(wildcards.placement).hosts
 
 
+def get_placement_partition(wildcards):
+    placement = PLAN.placement(wildcards.placement)
+    return PLAN.partition(placement.gpus, placement.hosts)
+
+
 def placement_estimate(wildcards):
     return list(PLAN.placement_estimate(wildcards.placement))
+
+
+def placement_resources():
+    """A placement job's resources: planned as a llama.cpp benchmark; several hosts are a job
+    of that many nodes (one task each, the first runs the evaluation), in
+    slurm.multinode_partition where set."""
+    resources = job_resources(placement_estimate, gpus=get_placement_gpus)
+    resources.update(
+        slurm_partition=get_placement_partition,
+        nodes=get_placement_hosts,
+        tasks=get_placement_hosts,
+    )
+    return resources
 
 
 def get_finetune_settings(wildcards):

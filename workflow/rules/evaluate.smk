@@ -217,10 +217,7 @@ rule evaluate_placement:
         *get_modules("llama_cpp"),
     threads: get_placement_threads
     resources:
-        **job_resources(placement_estimate, gpus=get_placement_gpus),
-        # Several hosts: one node each, the job's first runs the evaluation.
-        nodes=get_placement_hosts,
-        tasks=get_placement_hosts,
+        **placement_resources(),
     params:
         placement=get_placement,
         variant=PLAN.placement_variant,
