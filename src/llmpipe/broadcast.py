@@ -144,16 +144,20 @@ def broadcast(
     verify: str = "size",
     reserve_gb: float = 1.0,
     fanout: int | None = None,
+    manifest: dict | None = None,
 ) -> dict:
-    """A verified copy of ``src`` on the RAM disk of every node of this Slurm allocation."""
+    """A verified copy of ``src`` on the RAM disk of every node of this Slurm allocation.
+    ``manifest``: the source's own (a model folder's, with sha256, which a copy made by another
+    job is re-hashed against); None: built here (sha256 only with ``verify`` sha256)."""
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 0)
     if nodes < 1:
         raise PipelineError("broadcast runs inside a Slurm allocation (no SLURM_JOB_NUM_NODES)")
-    manifest = (
-        stage.file_manifest(src, hash_files=verify == "sha256")
-        if Path(src).is_file()
-        else mf.build(src, hash_files=verify == "sha256")
-    )
+    if manifest is None:
+        manifest = (
+            stage.file_manifest(src, hash_files=verify == "sha256")
+            if Path(src).is_file()
+            else mf.build(src, hash_files=verify == "sha256")
+        )
     first = stage.ensure_staged(src, manifest, root, name, verify, reserve_gb)
     dest = copy_dir(root, name, manifest)
     incoming = incoming_dir(root, name, manifest)
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fanout", type=int)
     parser.add_argument("--manifest", help="(status/adopt) the manifest the first node wrote")
     parser.add_argument("--incoming", help="(adopt) where sbcast wrote this node's copy")
+    parser.add_argument("--source-manifest", help="the source's manifest (default: built)")
     args = parser.parse_args(argv)
     if args.node_step is None:
         out = broadcast(args.src, args.name, args.root, verify=args.verify,

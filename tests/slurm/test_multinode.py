@@ -110,3 +110,51 @@ def test_rpc_evaluation_over_two_nodes_matches_one_host(cluster, tmp_path: Path)
     assert out["max_abs_logit_diff"] <= 1e-3 * max(1.0, out["max_abs_logit"])
     for node in cluster.nodes:  # each server ran on its node and was stopped
         assert (tmp_path / "rpc-logs" / f"rpc-server-{node}.log").is_file()
+
+
+FINETUNE_JOB = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from helpers import make_finetune_inputs
+from llmpipe.finetune import settings as ft
+from llmpipe.finetune.runner import run_finetune
+
+tiny = make_finetune_inputs(Path({work!r}) / "inputs")
+out = Path({work!r}) / "out"
+settings = ft.from_dict({{
+    "learning_rate": 0.03, "max_steps": 4, "batch_size": 4, "grad_accum": 1, "seq_len": 96,
+    "gradient_checkpointing": False, "lora_dropout": 0.0, "lora_r": 8, "eval_every": 4,
+    "eval_examples": 16, "save_every": 100, "log_every": 1, "warmup_steps": 0,
+    "lr_scheduler": "constant", "nodes": 2, "gpus_per_node": 1,
+}}).group(ft.TRAIN)
+run_finetune(
+    model_id="tiny-ft", base_hf=str(tiny["hf"]), base_manifest=str(tiny["manifest"]),
+    train=str(tiny["train"]), heldout=str(tiny["heldout"]), settings=settings,
+    adapter=str(out / "adapter"), loss_csv=str(out / "loss.csv"), loss_png=str(out / "loss.png"),
+    metrics=str(out / "metrics.json"), checkpoints=str(out / "checkpoints"), threads=1,
+    stage={{"root": {root!r}, "verify": "sha256", "reserve_gb": 0}}, base_id="tiny",
+)
+print("METRICS=" + json.dumps(json.loads((out / "metrics.json").read_text())))
+"""
+
+
+def test_finetune_across_two_nodes_reads_the_broadcast_copy(cluster, tmp_path: Path) -> None:
+    """The multi-node launch for real: srun starts one torchrun per node, c10d on the first
+    node joins them into one DDP job of two processes (gloo on the CPU), each reading the base
+    model from the copy llmpipe.broadcast put on its node."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        FINETUNE_JOB.format(
+            tests=str(REPO / "tests"), work=str(tmp_path), root=str(tmp_path / "shm")
+        )
+    )
+    text = _two_node_job(cluster, tmp_path / "ft.out", f"{sys.executable} {script}", minutes=10)
+    metrics = json.loads(next(x for x in text.splitlines() if x.startswith("METRICS="))[8:])
+    assert metrics["processes"] == 2 and metrics["strategy"] == "ddp"
+    staging = metrics["staging"]
+    assert {n["node"] for n in staging["nodes"]} == set(cluster.nodes)
+    assert all(n["usable"] for n in staging["nodes"]) and staging["verify"] == "sha256"
+    assert str(tmp_path / "shm") in staging["path"]
+    assert "torch.distributed.run" in text and "--rdzv_backend c10d" in text
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

@@ -66,6 +66,8 @@ rule finetune:
     params:
         estimate=finetune_estimate,
         settings=get_finetune_params("train"),
+        # Several nodes: the base model goes to every node's RAM disk by sbcast.
+        stage=config["stage"],
         # Not an output: it must survive a killed job, so that the rerun resumes from it.
         checkpoints="results/finetune/{model}/checkpoints",
     script:

@@ -21,4 +21,6 @@ with measured_job(snakemake, gpu=gpu) as usage:
         checkpoints=snakemake.params.checkpoints,
         threads=snakemake.threads,
         extra=usage.fields,
+        stage=snakemake.params.stage,
+        base_id=snakemake.wildcards.model,
     )

@@ -14,7 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +63,36 @@ def run_finetune(
     checkpoints: str,
     threads: int,
     extra: Callable[[dict], dict] | None = None,
+    stage: Mapping[str, Any] | None = None,
+    base_id: str | None = None,
 ) -> None:
     """Fine-tune ``base_hf`` with ``settings`` (``Settings.group("train")``) and write the
     adapter, loss curve (CSV + PNG) and metrics; resumes from ``checkpoints`` when it can.
 
     ``extra(metrics)`` returns fields merged into the metrics JSON (the job's predicted and
-    measured resources: ``llmpipe.resources.Usage.fields``)."""
+    measured resources: ``llmpipe.resources.Usage.fields``).
+
+    Several nodes (inside their Slurm allocation): the base model is staged once and sent to
+    every node's RAM disk (config ``stage``: ``llmpipe.broadcast``, sbcast), and every node's
+    processes read their own verified copy instead of all reading shared storage at once."""
     s = from_dict(settings)
     fail_fast(settings)
     base = manifest.load(base_manifest)
+    staging = None
+    allocation = launch.slurm_allocation()
+    if s.nodes > 1 and stage is not None and allocation is not None:
+        from llmpipe import broadcast
+
+        staging = broadcast.broadcast(
+            base_hf,
+            base_id or Path(base_hf).parent.name,
+            stage["root"],
+            verify=stage.get("verify", "size"),
+            reserve_gb=stage.get("reserve_gb", 1.0),
+            manifest=base,
+        )
+        print(f"base model on every node: {staging['path']} ({staging['nodes']})", flush=True)
+        base_hf = staging["path"]
     spec = write_spec(
         Path(checkpoints) / "spec.json",
         model_id=model_id,
@@ -92,7 +113,7 @@ def run_finetune(
         ["--spec", str(spec.resolve())],
         nodes=s.nodes,
         gpus_per_node=s.gpus_per_node,
-        allocation=launch.slurm_allocation(),
+        allocation=allocation,
         rdzv_port=s.rdzv_port,
     )
     print("running:", shlex.join(cmd), file=sys.stderr, flush=True)
@@ -112,9 +133,12 @@ def run_finetune(
         if not Path(path).exists():
             raise PipelineError(f"training of {model_id} ended without writing {path}")
     plot_loss(loss_csv, loss_png, title=f"{model_id}: {s.method} fine-tune loss")
-    if extra is not None:
+    if extra is not None or staging is not None:
         record = json.loads(Path(metrics).read_text())
-        record.update(extra(record))
+        if staging is not None:
+            record["staging"] = staging
+        if extra is not None:
+            record.update(extra(record))
         atomic.write_json(metrics, record)
 
 
