@@ -49,7 +49,7 @@ def _json(text: str) -> dict:
 
 def test_one_task_on_each_node(cluster: LocalSlurmCluster, tmp_path: Path) -> None:
     text = _two_node_job(
-        cluster, tmp_path / "nodes.out", 'srun bash -c "echo NODE=$SLURMD_NODENAME"', minutes=2
+        cluster, tmp_path / "nodes.out", "srun bash -c 'echo NODE=$SLURMD_NODENAME'", minutes=2
     )
     assert sorted(line for line in text.splitlines() if line.startswith("NODE=")) == [
         f"NODE={node}" for node in sorted(cluster.nodes)
