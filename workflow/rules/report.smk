@@ -12,6 +12,7 @@ rule aggregate_stats:
         records=get_stats_records,
         benchmarks=get_stats_benchmarks,
         losses=get_stats_loss_csvs,
+        tasks=get_stats_task_jsons,
     output:
         summary=report(
             "results/stats/summary.csv",
@@ -49,5 +50,6 @@ rule aggregate_stats:
         jobs=get_stats_job_ids,
         loss_models=PLAN.finetune_bases,
         gguf_notes=PLAN.gguf_summary_notes(),
+        tuned_bases=PLAN.tuned_bases,
     script:
         "../scripts/aggregate_stats.py"

@@ -15,5 +15,7 @@ with logged(snakemake.log[0], snakemake.rule):
         out_plots=snakemake.output.plots,
         out_provenance=snakemake.output.provenance,
         gguf_notes=snakemake.params.gguf_notes,
+        task_jsons=list(snakemake.input.tasks),
+        tuned_bases=snakemake.params.tuned_bases,
     )
     print(f"aggregate_stats: {counts}")

@@ -8,7 +8,8 @@
 - ``results/stats/resources.csv`` one row per job that recorded resources: the prediction it
   recorded (raw and with margins), the request, and the measured peaks.
 - ``results/stats/plots/*.png``   quality loss vs size, tokens/s per variant, roofline %,
-  predicted vs measured memory, and the fine-tune loss curve of each model that has one.
+  predicted vs measured memory, the fine-tune loss curve of each model that has one, and task
+  accuracy vs size when evaluate.tasks ran (``accuracy``).
 - ``results/stats/provenance.json`` where and with what the numbers were made.
 
 The report reads records only (``collect``), each one a named input of the rule: the eval
@@ -24,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe import atomic, provenance
-from llmpipe.report import collect, plots, summary, tables
+from llmpipe.report import accuracy, collect, plots, summary, tables
 from llmpipe.report.tables import resources_table
 
-__all__ = ["aggregate", "collect", "plots", "resources_table", "summary", "tables"]
+__all__ = ["accuracy", "aggregate", "collect", "plots", "resources_table", "summary", "tables"]
 
 
 def aggregate(
@@ -44,18 +45,22 @@ def aggregate(
     out_plots: str | os.PathLike,
     out_provenance: str | os.PathLike,
     gguf_notes: Mapping[str, str] | None = None,
+    task_jsons: Sequence[str | os.PathLike] = (),
+    tuned_bases: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write every output of aggregate_stats; return counts (for the log).
 
     ``weights[i]``: the record of what ``eval_jsons[i]`` loaded (GGUF record or model manifest);
     ``jobs[i]`` = (rule, model, target) wrote ``records[i]``, benchmarked in ``benchmarks[i]``;
-    ``losses``: {model: its fine-tune loss.csv}.
+    ``losses``: {model: its fine-tune loss.csv}; ``task_jsons``: the task records
+    (evaluate.tasks); ``tuned_bases``: {tuned model: its base}, for base-vs-tuned accuracy.
     """
     evaluations = collect.read_evaluations(eval_jsons, weights)
     job_records = collect.read_jobs(jobs, records, benchmarks)
     curves = {model: collect.read_loss_csv(path) for model, path in losses.items()}
     summary_table = tables.summary_frame(evaluations)
     resource_table = tables.resource_frame(job_records, summary_table)
+    task_table = accuracy.task_frame(task_jsons, summary_table)
     plots_dir = Path(out_plots)
     with atomic.atomic_dir(plots_dir) as tmp:
         made = [
@@ -64,6 +69,8 @@ def aggregate(
             plots.plot_roofline(summary_table, tmp / "roofline.png"),
             plots.plot_resources(resource_table, tmp / "resources.png"),
         ]
+        accuracy_plot = accuracy.plot_accuracy_vs_size(task_table, tmp / "accuracy_vs_size.png")
+        made += [accuracy_plot] if accuracy_plot else []
         finetune: dict[str, str] = {}
         for model, (xkey, series) in curves.items():
             name = f"finetune_loss_{model}.png"
@@ -75,7 +82,14 @@ def aggregate(
     tables.write_csv(summary_table, tables.SUMMARY_COLUMNS, out_csv)
     tables.write_csv(resource_table, tables.RESOURCE_COLUMNS, out_resources)
     page = summary.markdown(
-        summary_table, resource_table, made_plots, prov, finetune, gguf_notes or {}
+        summary_table,
+        resource_table,
+        made_plots,
+        prov,
+        finetune,
+        gguf_notes or {},
+        task_table,
+        tuned_bases or {},
     )
     atomic.write_text(out_md, page)
     atomic.write_json(
@@ -84,10 +98,16 @@ def aggregate(
             "aggregate": prov,
             "inputs": {
                 "eval": [str(p) for p in eval_jsons],
+                "tasks": [str(p) for p in task_jsons],
                 "records": [str(p) for p in records],
                 "loss": {model: str(path) for model, path in losses.items()},
             },
             "runs": {ev.path: (ev.record.get("provenance") or {}) for ev in evaluations},
         },
     )
-    return {"rows": len(summary_table), "resources": len(resource_table), "plots": len(made_plots)}
+    return {
+        "rows": len(summary_table),
+        "resources": len(resource_table),
+        "task_rows": len(task_table),
+        "plots": len(made_plots),
+    }
