@@ -140,8 +140,8 @@ def test_the_summary_has_accuracy_tables_base_vs_tuned_and_the_plot(tasks_run):
 
 
 @pytest.mark.slow
-def test_a_failing_task_job_stops_its_server_and_leaves_no_output(tasks_run, tmp_path):
-    workdir = copy_run(tasks_run[0], tmp_path / "w")
+def test_a_failing_task_job_stops_its_server_and_leaves_no_output(default_run, tmp_path):
+    workdir = copy_run(default_run, tmp_path / "w")
     tasks_dir = workdir / "config" / "eval" / "tasks"
     broken = yaml.safe_load((tasks_dir / "gpl_cloze.yaml").read_text())
     broken.update(task="broken", dataset_kwargs={"data_files": {"test": "broken.jsonl"}})

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe import atomic, provenance
-from llmpipe.errors import ConfigError
+from llmpipe.errors import ConfigError, ResourceError
 from llmpipe.resources import Usage
 
 # Task types a backend cannot score, with the reason written into the record instead.
@@ -105,25 +105,33 @@ def flatten(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _hf_model(path: Path, tasks_cfg: dict, transformers_cfg: dict, threads: int, gpus: int):
+def _hf_model(path: Path, tasks_cfg: dict, transformers_cfg: dict, threads: int):
+    """lm-eval's hf model with evaluate.transformers' device and dtype, resolved as the
+    transformers backend does (auto: CUDA when torch sees one; float16 there, V100 has no bf16;
+    float32 on the CPU)."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    cuda = transformers_cfg["device"] == "cuda" or (
-        transformers_cfg["device"] == "auto" and gpus > 0
-    )
+    device = transformers_cfg["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ResourceError(
+            "evaluate.transformers.device is 'cuda' but torch sees no GPU (run the job on a GPU "
+            "node, or set device: cpu)"
+        )
     dtype = transformers_cfg["dtype"]
     if dtype == "auto":
-        dtype = "float16" if cuda else "float32"  # V100: no bf16
+        dtype = "float16" if device == "cuda" else "float32"
     torch.set_num_threads(threads)
-    settings = {"device": "cuda" if cuda else "cpu", "dtype": dtype}
     model = HFLM(
         pretrained=str(path),
         batch_size=tasks_cfg["batch_size"],
         trust_remote_code=False,
-        **settings,
+        device=device,
+        dtype=dtype,
     )
-    return model, settings
+    return model, {"device": device, "dtype": dtype}
 
 
 def task_manager(tasks: list):
@@ -188,14 +196,13 @@ def run_tasks(
         if output_type(t) in REFUSED[backend]
     ]
     runnable = [t for t in tasks if output_type(t) not in REFUSED[backend]]
-    gpus = usage.planned_gpus() if usage else 0
     start = time.perf_counter()
     if backend == "llama.cpp":
         raw, settings = _run_on_server(
             model_path, runnable, tasks_cfg, backend_cfg, threads, server_log
         )
     else:
-        lm, settings = _hf_model(Path(model_path), tasks_cfg, backend_cfg, threads, gpus)
+        lm, settings = _hf_model(Path(model_path), tasks_cfg, backend_cfg, threads)
         raw = evaluate(lm, runnable, tasks_cfg) if runnable else {}
     seconds = time.perf_counter() - start
     rows = []
