@@ -21,7 +21,7 @@ from helpers import copy_run, planned_jobs, snakemake
 from llmpipe.evaluation.server import port_is_free
 
 pytestmark = pytest.mark.workflow
-LIMIT = 16  # documents per task: enough to separate base from tuned; a minute or two per job
+LIMIT = 20  # documents per task: enough to separate base from tuned; a minute or two per job
 VARIANTS = ["hf", "F16", "Q4_K_M"]
 SERVER_LINE = re.compile(r"llama-server pid (\d+) on http://127\.0\.0\.1:(\d+)")
 
