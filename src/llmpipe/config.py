@@ -219,12 +219,33 @@ def check(config: dict, workdir: str | Path = ".") -> None:
     if dupes:
         raise ConfigError(f"quantize.types: listed twice: {', '.join(sorted(dupes))}")
     _check_imatrix(config, Path(workdir))
+    _check_tasks(config, Path(workdir))
     for model_id, spec in config["models"].items():
         _check_model(model_id, spec)
     prompts = Path(workdir, config["prompts"])
     if not prompts.is_file():
         raise ConfigError(f"prompts: file {prompts} does not exist (expected one prompt per line)")
     read_prompts(prompts)  # an empty file is an error now, not after the model chain ran
+
+
+def _check_tasks(config: dict, workdir: Path) -> None:
+    """evaluate.tasks, when enabled: its folder exists, its variants are the run's."""
+    tasks = config["evaluate"]["tasks"]
+    if not tasks["enabled"]:
+        return
+    task_dir = workdir / tasks["task_dir"]
+    if not task_dir.is_dir():
+        raise ConfigError(
+            f"evaluate.tasks.task_dir: folder {task_dir} does not exist (expected the folder of "
+            f"the task YAML files, e.g. config/eval/tasks)"
+        )
+    known = {"hf", reference_variant(config), *quant_variants(config)}
+    unknown = [v for v in tasks["variants"] or [] if v not in known]
+    if unknown:
+        raise ConfigError(
+            f"evaluate.tasks.variants: {', '.join(unknown)} not a variant of this run "
+            f"(expected some of {', '.join(sorted(known))})"
+        )
 
 
 def _check_imatrix(config: dict, workdir: Path) -> None:

@@ -188,6 +188,7 @@ class RunPlan:
                     outputs += [f"{stem}.json", f"{stem}.texts.jsonl"]
             if self.runs_sweep(model):
                 outputs.append(f"results/eval/{model}/sweep-llama.cpp.tsv")
+        outputs += [self.task_json(m, v, b) for m, v, b in self.task_jsons()]
         return outputs + self.placement_outputs()
 
     # ---- Placements (evaluate_placement) ------------------------------------------------------
@@ -260,6 +261,54 @@ class RunPlan:
             for m in self.placement_models()
             for p in self.placements_run()
         ]
+
+    # ---- Task accuracy (evaluate.tasks) -----------------------------------------------------
+    @property
+    def tasks(self) -> Mapping[str, Any]:
+        return self.eval["tasks"]
+
+    def task_variants(self, model: str, backend: str) -> list[str]:
+        """The variants of ``model`` whose task accuracy ``backend`` measures (none when off)."""
+        if not self.tasks["enabled"]:
+            return []
+        wanted = self.tasks["variants"]
+        return [v for v in self.eval_variants(model, backend) if wanted is None or v in wanted]
+
+    def task_jsons(self) -> list[tuple[str, str, str]]:
+        """(model, variant, backend) of every task evaluation the run makes."""
+        return [
+            (model, variant, backend)
+            for model in self.models
+            for backend in self.backends
+            for variant in self.task_variants(model, backend)
+        ]
+
+    def task_json(self, model: str, variant: str, backend: str) -> str:
+        return f"results/eval/{model}/tasks/{variant}-{backend}.json"
+
+    def task_files(self) -> list[str]:
+        """The shipped files of the configured tasks (``<task_dir>/<name>.*``: YAML and data),
+        so that a changed task file reruns the task jobs; registry tasks have none here."""
+        task_dir = os.path.join(self.root, self.tasks["task_dir"])
+        files = []
+        for name in self.tasks["names"]:
+            for suffix in (".yaml", ".jsonl", ".json"):
+                path = os.path.join(self.tasks["task_dir"], name + suffix)
+                if os.path.isfile(os.path.join(task_dir, name + suffix)):
+                    files.append(path)
+        return files
+
+    def tasks_estimate(self, backend: str, variant: str) -> tuple[str, dict]:
+        """A task job plans as a generation shard of batch_size requests of n_ctx tokens: the
+        hf model's batch, or llama-server's slots (their KV cache: n_ctx x slots)."""
+        step, opts = self.eval_estimate(backend, variant, "shard")
+        batch, n_ctx = self.tasks["batch_size"], self.tasks["n_ctx"]
+        opts.update(samples=batch, seq_len=n_ctx // 2, new_tokens=n_ctx // 2, staged=False)
+        if backend == "llama.cpp":
+            opts.update(n_ctx=n_ctx * batch)
+        else:
+            opts.update(batch=batch)
+        return step, opts
 
     def eval_quality(self, model: str, variant: str, backend: str) -> str:
         """The reference's quality is its own perplexity (KLD 0); others are compared with it."""

@@ -30,6 +30,7 @@ PACKAGES = (
     "gguf",
     "numpy",
     "pandas",
+    "lm_eval",  # evaluate.tasks
 )
 
 

@@ -355,7 +355,9 @@ def test_aggregate_writes_every_output_and_a_loss_plot_per_tuned_model(tmp_path)
         "roofline.png",
         "tokens_per_s.png",
     ]
-    assert counts == {"rows": 4, "resources": 11, "placements": 0, "plots": 5}
+    assert counts == {
+        "rows": 4, "resources": 11, "task_rows": 0, "placements": 0, "plots": 5
+    }  # fmt: skip
     for png in (out / "plots").iterdir():
         data = png.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, png

@@ -229,6 +229,14 @@ def get_stats_eval_jsons(wildcards):
     ]
 
 
+def get_stats_task_jsons(wildcards):
+    """Every task record (evaluate.tasks; none when it is off)."""
+    return [
+        rules.evaluate_tasks.output.result.format(model=m, variant=v, backend=b)
+        for m, v, b in PLAN.task_jsons()
+    ]
+
+
 def get_stats_weights(wildcards):
     """What each evaluation loaded, by its record: the GGUF's, or the model folder's manifest."""
     return [_stats_files(job)[0] for job in PLAN.weights_jobs()]
@@ -284,6 +292,11 @@ def eval_estimate(kind):
         return list(PLAN.eval_estimate(wildcards.backend, variant, kind))
 
     return of
+
+
+def tasks_estimate(wildcards):
+    """Estimate function of a task job (evaluate_tasks)."""
+    return list(PLAN.tasks_estimate(wildcards.backend, wildcards.variant))
 
 
 def download_estimate(wildcards):

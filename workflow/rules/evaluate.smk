@@ -227,3 +227,41 @@ rule evaluate_placement:
         repetitions=EVAL["placements"]["repetitions"],
     script:
         "../scripts/evaluate_placement.py"
+
+
+# Task accuracy (evaluate.tasks, off by default): lm-evaluation-harness on one variant per job,
+# GGUF variants through llama.cpp's own llama-server (started and stopped by the job).
+rule evaluate_tasks:
+    input:
+        unpack(get_eval_model),
+        tasks=PLAN.task_files(),
+    output:
+        result="results/eval/{model}/tasks/{variant}-{backend}.json",
+        lm_eval="results/eval/{model}/tasks/{variant}-{backend}.lm-eval.json",
+    log:
+        "logs/evaluate_tasks/{model}-{variant}-{backend}.log",
+        server="logs/evaluate_tasks/{model}-{variant}-{backend}.server.log",
+    benchmark:
+        "benchmarks/evaluate_tasks/{model}-{variant}-{backend}.tsv"
+    wildcard_constraints:
+        backend=r"llama\.cpp",
+    conda:
+        "../envs/llmpipe.yaml"
+    envmodules:
+        *get_modules("llama_cpp"),
+    threads: EVAL["threads"]
+    resources:
+        **job_resources(tasks_estimate),
+    params:
+        tasks=EVAL["tasks"],
+        settings=get_eval_settings,
+        estimate=tasks_estimate,
+    script:
+        "../scripts/evaluate_tasks.py"
+
+
+use rule evaluate_tasks as evaluate_tasks_transformers with:
+    wildcard_constraints:
+        backend="transformers",
+    envmodules:
+        *get_modules("transformers"),

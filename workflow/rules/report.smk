@@ -13,6 +13,7 @@ rule aggregate_stats:
         benchmarks=get_stats_benchmarks,
         losses=get_stats_loss_csvs,
         placements=get_stats_placements,
+        tasks=get_stats_task_jsons,
     output:
         summary=report(
             "results/stats/summary.csv",
@@ -51,5 +52,6 @@ rule aggregate_stats:
         loss_models=PLAN.finetune_bases,
         gguf_notes=PLAN.gguf_summary_notes(),
         placement_notes=PLAN.placement_notes(),
+        tuned_bases=PLAN.tuned_bases,
     script:
         "../scripts/aggregate_stats.py"

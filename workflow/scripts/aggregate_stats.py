@@ -17,5 +17,7 @@ with logged(snakemake.log[0], snakemake.rule):
         gguf_notes=snakemake.params.gguf_notes,
         placement_jsons=list(snakemake.input.placements),
         placement_notes=snakemake.params.placement_notes,
+        task_jsons=list(snakemake.input.tasks),
+        tuned_bases=snakemake.params.tuned_bases,
     )
     print(f"aggregate_stats: {counts}")

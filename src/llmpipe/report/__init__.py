@@ -8,8 +8,8 @@
 - ``results/stats/resources.csv`` one row per job that recorded resources: the prediction it
   recorded (raw and with margins), the request, and the measured peaks.
 - ``results/stats/plots/*.png``   quality loss vs size, tokens/s per variant, roofline %,
-  predicted vs measured memory, tok/s per placement, and the fine-tune loss curve of each
-  model that has one.
+  predicted vs measured memory, tok/s per placement, the fine-tune loss curve of each model
+  that has one, and task accuracy vs size when evaluate.tasks ran (``accuracy``).
 - ``results/stats/provenance.json`` where and with what the numbers were made.
 
 The report reads records only (``collect``), each one a named input of the rule: the eval
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe import atomic, provenance
-from llmpipe.report import collect, placements, plots, summary, tables
+from llmpipe.report import accuracy, collect, placements, plots, summary, tables
 from llmpipe.report.tables import resources_table
 
-__all__ = ["aggregate", "collect", "plots", "resources_table", "summary", "tables"]
+__all__ = ["accuracy", "aggregate", "collect", "plots", "resources_table", "summary", "tables"]
 
 
 def aggregate(
@@ -47,13 +47,17 @@ def aggregate(
     gguf_notes: Mapping[str, str] | None = None,
     placement_jsons: Sequence[str | os.PathLike] = (),
     placement_notes: Mapping[str, str] | None = None,
+    task_jsons: Sequence[str | os.PathLike] = (),
+    tuned_bases: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write every output of aggregate_stats; return counts (for the log).
 
     ``weights[i]``: the record of what ``eval_jsons[i]`` loaded (GGUF record or model manifest);
     ``jobs[i]`` = (rule, model, target) wrote ``records[i]``, benchmarked in ``benchmarks[i]``;
     ``losses``: {model: its fine-tune loss.csv}; ``placement_jsons``: the evaluate_placement
-    records, ``placement_notes``: {placement: why this run did not measure it}.
+    records, ``placement_notes``: {placement: why this run did not measure it}; ``task_jsons``:
+    the task records (evaluate.tasks); ``tuned_bases``: {tuned model: its base}, for
+    base-vs-tuned accuracy.
     """
     evaluations = collect.read_evaluations(eval_jsons, weights)
     job_records = collect.read_jobs(jobs, records, benchmarks)
@@ -61,6 +65,7 @@ def aggregate(
     summary_table = tables.summary_frame(evaluations)
     placement_table = placements.frame(placement_jsons)
     resource_table = tables.resource_frame(job_records, summary_table)
+    task_table = accuracy.task_frame(task_jsons, summary_table)
     plots_dir = Path(out_plots)
     with atomic.atomic_dir(plots_dir) as tmp:
         made = [
@@ -71,6 +76,8 @@ def aggregate(
         ]
         if placed := placements.plot(placement_table, tmp / "placements.png"):
             made.append(placed)
+        accuracy_plot = accuracy.plot_accuracy_vs_size(task_table, tmp / "accuracy_vs_size.png")
+        made += [accuracy_plot] if accuracy_plot else []
         finetune: dict[str, str] = {}
         for model, (xkey, series) in curves.items():
             name = f"finetune_loss_{model}.png"
@@ -88,7 +95,9 @@ def aggregate(
         prov,
         finetune,
         gguf_notes or {},
-        placements.section(placement_table, placement_notes or {}),
+        tasks=task_table,
+        tuned_bases=tuned_bases or {},
+        placements=placements.section(placement_table, placement_notes or {}),
     )
     atomic.write_text(out_md, page)
     atomic.write_json(
@@ -97,6 +106,7 @@ def aggregate(
             "aggregate": prov,
             "inputs": {
                 "eval": [str(p) for p in eval_jsons],
+                "tasks": [str(p) for p in task_jsons],
                 "records": [str(p) for p in records],
                 "loss": {model: str(path) for model, path in losses.items()},
             },
@@ -107,5 +117,6 @@ def aggregate(
         "rows": len(summary_table),
         "resources": len(resource_table),
         "placements": len(placement_table),
+        "task_rows": len(task_table),
         "plots": len(made_plots),
     }

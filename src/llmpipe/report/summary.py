@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from llmpipe.report.accuracy import accuracy_table, base_vs_tuned_table
 from llmpipe.report.tables import (
     figures_table,
     fmt,
@@ -53,6 +54,8 @@ def _model_section(
     resources: pd.DataFrame,
     finetune: Mapping[str, str],
     gguf_notes: Mapping[str, str],
+    tasks: pd.DataFrame,
+    base: str | None,
 ) -> list[str]:
     out = [f"## {model}", ""]
     if model in gguf_notes:
@@ -64,6 +67,12 @@ def _model_section(
             out += [f"**{r['variant']}, {r['backend']}** — {seed_paragraph(r)}", ""]
         out += [figures_table(rows), "", "### Quality", "", quality_table(rows), ""]
         out += ["### Speed and memory", "", speed_table(rows), ""]
+    own = tasks[tasks["model"] == model]
+    if not own.empty:
+        out += ["### Task accuracy (lm-evaluation-harness)", "", accuracy_table(own), ""]
+    vs_base = base_vs_tuned_table(tasks, base, model) if base else ""
+    if vs_base:
+        out += [f"### Task accuracy: {base} vs {model}", "", vs_base, ""]
     if not resources.empty:
         out += ["### Resources: predicted vs measured", "", resources_table(resources), ""]
     if model in finetune:
@@ -78,11 +87,16 @@ def markdown(
     prov: Mapping[str, Any],
     finetune: Mapping[str, str] | None = None,
     gguf_notes: Mapping[str, str] | None = None,
+    tasks: pd.DataFrame | None = None,
+    tuned_bases: Mapping[str, str] | None = None,
     placements: Sequence[str] = (),
 ) -> str:
     """summary.md; ``finetune``: {model: its loss plot}; ``gguf_notes``: {model: why its GGUF
-    steps were not run (or were forced)}; ``placements``: the placements section's lines."""
-    finetune, gguf_notes = finetune or {}, gguf_notes or {}
+    steps were not run (or were forced)}; ``tasks``: task accuracy rows (report.accuracy);
+    ``tuned_bases``: {tuned model: its base}; ``placements``: the placements section's lines."""
+    finetune, gguf_notes, tuned_bases = finetune or {}, gguf_notes or {}, tuned_bases or {}
+    if tasks is None:
+        tasks = pd.DataFrame(columns=["model"])
     models = list(dict.fromkeys([*summary["model"], *resources["model"], *gguf_notes]))
     by_model = dict(tuple(summary.groupby("model", sort=False)))
     resources_by_model = dict(tuple(resources.groupby("model", sort=False)))
@@ -102,6 +116,8 @@ def markdown(
             resources_by_model.get(model, resources.iloc[0:0]),
             finetune,
             gguf_notes,
+            tasks,
+            tuned_bases.get(model),
         )
     out += list(placements)
     if plots:
@@ -114,6 +130,9 @@ def markdown(
         "- Predicted memory is the estimator's raw peak (llmpipe.estimate); the request adds "
         "the margin (x1.25) and scales with the retry attempt. 'As run' counts RAM-disk bytes "
         "only when the job wrote them.",
+        "- Task accuracy: lm-evaluation-harness, each task's first metric, ± its standard error "
+        "over n documents (evaluate.tasks.limit caps n); GGUF variants scored by llama.cpp's "
+        "llama-server (llmpipe.evaluation.lm_adapter).",
         "",
     ]
     return "\n".join(out)
