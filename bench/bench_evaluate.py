@@ -288,13 +288,16 @@ def child_ours(hf: str, threads: int) -> dict:
 # ---- roofline --------------------------------------------------------------------------------
 
 
-def big_model(run: Path) -> tuple[Path, dict[str, Path]]:
+def big_model(
+    run: Path, where: Path = BENCH_DIR, variants: tuple[str, ...] = ("F32", "F16", "Q8_0")
+) -> tuple[Path, dict[str, Path]]:
     """A random-init Llama of ~1.2 B parameters (TinyLlama's shape, SmolLM2's tokenizer from
-    the run), made once: HF folder + F32, F16 and Q8_0 GGUFs under .deps/bench/."""
+    the run), made once: HF folder + the ``variants`` GGUFs (F32, F16, Q8_0; Q8_0 is quantized
+    from F16) under ``where`` (.deps/bench/ by default)."""
     import shutil
 
-    hf = BENCH_DIR / "llama-1b-hf"
-    ggufs = {v: BENCH_DIR / f"llama-1b-{v}.gguf" for v in ("F32", "F16", "Q8_0")}
+    hf = where / "llama-1b-hf"
+    ggufs = {v: where / f"llama-1b-{v}.gguf" for v in variants}
     if not (hf / "config.json").is_file():
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -323,14 +326,17 @@ def big_model(run: Path) -> tuple[Path, dict[str, Path]]:
         tmp.rename(hf)
     from llmpipe.gguf import convert_hf_to_gguf, quantize_gguf
 
+    f16 = where / "llama-1b-F16.gguf"
     for variant in ("F32", "F16"):
-        if not ggufs[variant].is_file():
+        path = where / f"llama-1b-{variant}.gguf"
+        needed = variant in variants or (variant == "F16" and "Q8_0" in variants)
+        if needed and not path.is_file():
             say(f"  converting to {variant} GGUF (once)")
-            record = BENCH_DIR / f"llama-1b-{variant}.json"
-            convert_hf_to_gguf(hf, ggufs[variant], variant.lower(), record)
-    if not ggufs["Q8_0"].is_file():
+            record = where / f"llama-1b-{variant}.json"
+            convert_hf_to_gguf(hf, path, variant.lower(), record)
+    if "Q8_0" in variants and not ggufs["Q8_0"].is_file():
         say("  quantizing to Q8_0 (once)")
-        quantize_gguf(ggufs["F16"], ggufs["Q8_0"], "Q8_0", 2, BENCH_DIR / "llama-1b-Q8_0.json")
+        quantize_gguf(f16, ggufs["Q8_0"], "Q8_0", 2, where / "llama-1b-Q8_0.json")
     return hf, ggufs
 
 

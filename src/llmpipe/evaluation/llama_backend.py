@@ -356,13 +356,19 @@ def generate(
 
 
 def decode(
-    llm, prompts: list[tuple[int, str]], sampling: Sampling, argmax_greedy: bool = True
+    llm,
+    prompts: list[tuple[int, str]],
+    sampling: Sampling,
+    argmax_greedy: bool = True,
+    stop_at_eog: bool = True,
 ) -> Decoded:
     """The prompts through the context's ``n_seq_max`` slots, in order: a free slot takes the
     next prompt (its cells cleared, one timed prompt pass from position 0, its first token
     sampled), then one timed ``llama_decode`` advances every live sequence by a token.
     ``argmax_greedy``: greedy without a repetition penalty takes the logits' argmax (the token
     llama.cpp's greedy sampler picks: the first largest) instead of the sampler chain.
+    ``stop_at_eog`` False: every prompt runs to ``max_new_tokens`` (a benchmark's fixed-length
+    decode, as llama-batched-bench's).
 
     A sequence computes what it would alone: its own cells (no unified cache), its own prompt
     pass, positions from 0; only the decode step's matrix products see several rows."""
@@ -382,7 +388,7 @@ def decode(
         """Sample ``s``'s next token from batch row ``i``'s logits; mark why it stops."""
         tok = argmax(i) if argmax is not None else int(sample(s.chain, ctx, i))
         s.ids.append(tok)
-        if is_eog(tok):
+        if stop_at_eog and is_eog(tok):
             s.stop = "eos"
         elif len(s.ids) >= sampling.max_new_tokens:
             s.stop = "length"
