@@ -13,8 +13,9 @@ Q8_0 here). For each model and each npl (prompts decoded together):
   steps' time (``decode_tok_s_aggregate``: argmax sampling and the step's bookkeeping
   included).
 - theirs: ``llama-batched-bench`` from the pinned build at the same npl: the same GGUF, the
-  same context (npl x n_ctx cells, n_ctx per sequence, not unified), threads, batch sizes and
-  flash attention; -npp = our prompts' mean length, -ntg = ntg; its S_TG (npl x ntg / t_tg,
+  same context (npl x n_ctx cells, n_ctx per sequence, not unified), threads, batch sizes,
+  flash attention and weight repacking (off, evaluate.llama_cpp.repack's default); -npp =
+  our prompts' mean length, -ntg = ntg; its S_TG (npl x ntg / t_tg,
   random tokens, no sampling).
 
 Rounds alternate ours and theirs; each side's best round counts (a shared host only ever slows
@@ -82,6 +83,7 @@ def theirs(gguf: Path, npl: int, npp: int, ntg: int, threads: int) -> float:
     cmd = [str(TOOL), "-m", str(gguf), "-c", str(npl * N_CTX), "-b", str(s.n_batch)]
     cmd += ["-ub", str(s.n_ubatch), "-t", str(threads), "-tb", str(threads), "-fa", "on"]
     cmd += ["-npp", str(npp), "-ntg", str(ntg), "-npl", str(npl), "--output-format", "jsonl"]
+    cmd += ["--repack" if s.repack else "--no-repack"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     (result,) = [r for r in rows if r["pl"] == npl]
@@ -111,6 +113,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="smollm2,llama-1b")
+    ap.add_argument("--smollm2", type=Path, help="SmolLM2 GGUF (default: the run's Q8_0)")
     args = ap.parse_args()
     if not TOOL.is_file():
         sys.exit(f"{TOOL} is missing: build the pinned tools (make setup)")
@@ -118,7 +121,7 @@ def main() -> None:
     models = {
         "smollm2": lambda: (
             "SmolLM2-135M Q8_0",
-            args.run / "results/gguf/smollm2/smollm2-Q8_0.gguf",
+            args.smollm2 or args.run / "results/gguf/smollm2/smollm2-Q8_0.gguf",
         ),
         "llama-1b": lambda: (
             "random Llama 1.2B Q8_0",

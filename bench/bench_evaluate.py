@@ -357,7 +357,7 @@ def part_roofline(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
             probe = tmp / "probe.json"
             probe.write_text(json.dumps(before))
             # the same thread count as the probe; one stream, as llama-bench's tg
-            fixed = {"tune_threads": False, "parallel": 1}
+            fixed = {"tune_threads": False, "parallel": 1, "repack": True}
             rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, fixed, threads, tmp, probe)
             after = bandwidth.probe(threads)
             peak = max(before["gb_s"], after["gb_s"])
@@ -414,7 +414,8 @@ def part_bench(run: Path, threads: int, tmp: Path, rounds: int = 9) -> None:
     hf = run / "results/models/smollm2/hf"
     prompts = read_prompts(PROMPTS)
     sampling = {"max_new_tokens": 128, "temperature": 0.0}
-    fixed = {"tune_threads": False, "parallel": 1}  # llama-bench's threads, one stream (tg)
+    # llama-bench's threads and weight repacking, one stream (tg)
+    fixed = {"tune_threads": False, "parallel": 1, "repack": True}
     for variant in ("F16", "Q8_0", "Q4_K_M"):
         gguf = run / f"results/gguf/smollm2/smollm2-{variant}.gguf"
         # llama-bench before, between and after our rounds. This host's speed drifts by a

@@ -37,9 +37,9 @@ def run(gguf: str, parallel: int, sampling: Sampling) -> lb.Decoded:
 @pytest.mark.parametrize(
     "sampling",
     [
-        Sampling(max_new_tokens=12),
-        Sampling(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=5),
-        Sampling(max_new_tokens=12, repetition_penalty=1.3),  # the sampler chain, greedy
+        Sampling(max_new_tokens=8),
+        Sampling(max_new_tokens=8, temperature=0.9, top_k=40, top_p=0.95, seed=5),
+        Sampling(max_new_tokens=8, repetition_penalty=1.3),  # the sampler chain, greedy
     ],
     ids=["greedy", "sampled", "penalised"],
 )
@@ -60,7 +60,7 @@ def test_parallel_sequences_give_the_one_at_a_time_tokens(gguf, sampling):
 
 
 def test_a_prompts_seed_decides_its_sample(gguf):
-    sampling = Sampling(max_new_tokens=12, temperature=0.9, top_k=40, seed=5)
+    sampling = Sampling(max_new_tokens=8, temperature=0.9, top_k=40, seed=5)
     first = run(gguf, 4, sampling)
     other = run(gguf, 4, Sampling(**{**sampling.as_dict(), "seed": 6}))
     assert [r.token_ids for r in first.results] != [r.token_ids for r in other.results]

@@ -21,6 +21,7 @@ has its own sampler chain and seed, so it samples the same tokens whichever slot
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,7 @@ class LlamaSettings:
     offload_kqv: bool
     tune_threads: bool
     parallel: int
+    repack: bool
 
     @classmethod
     def from_config(cls, section: dict, threads: int) -> LlamaSettings:
@@ -108,30 +110,53 @@ def load(
             flush=True,
         )
     try:
-        llm = llama_cpp.Llama(
-            str(path),
-            n_gpu_layers=settings.n_gpu_layers,
-            split_mode=split,
-            main_gpu=settings.main_gpu,
-            tensor_split=list(settings.tensor_split) if settings.tensor_split else None,
-            use_mmap=settings.use_mmap,
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_ubatch=min(settings.n_ubatch, n_batch),
-            n_threads=settings.n_threads,
-            n_threads_batch=settings.n_threads_batch,
-            flash_attn=settings.flash_attn,
-            offload_kqv=settings.offload_kqv,
-            type_k=ggml_type(settings.kv_type),
-            type_v=ggml_type(settings.kv_type),
-            logits_all=False,
-            verbose=verbose,
-        )
+        with _model_defaults(use_extra_bufts=settings.repack):
+            llm = llama_cpp.Llama(
+                str(path),
+                n_gpu_layers=settings.n_gpu_layers,
+                split_mode=split,
+                main_gpu=settings.main_gpu,
+                tensor_split=list(settings.tensor_split) if settings.tensor_split else None,
+                use_mmap=settings.use_mmap,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=min(settings.n_ubatch, n_batch),
+                n_threads=settings.n_threads,
+                n_threads_batch=settings.n_threads_batch,
+                flash_attn=settings.flash_attn,
+                offload_kqv=settings.offload_kqv,
+                type_k=ggml_type(settings.kv_type),
+                type_v=ggml_type(settings.kv_type),
+                logits_all=False,
+                verbose=verbose,
+            )
         if parallel > 1:
             _make_sequences(llm, parallel, n_ctx, verbose)
         return llm
     except (ValueError, RuntimeError) as err:
         raise PipelineError(f"llama.cpp could not load {path}: {err}") from err
+
+
+@contextlib.contextmanager
+def _model_defaults(**fields):
+    """``Llama()`` builds its model parameters from ``llama_model_default_params()`` and has
+    no argument for some of them (``use_extra_bufts``: weight repacking): the defaults carry
+    ``fields`` while it loads."""
+    from llama_cpp import llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def amended():
+        params = original()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    lib.llama_model_default_params = amended
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
 
 
 def _make_sequences(llm, parallel: int, n_ctx: int, verbose: bool) -> None:
@@ -371,7 +396,8 @@ def decode(
     decode, as llama-batched-bench's).
 
     A sequence computes what it would alone: its own cells (no unified cache), its own prompt
-    pass, positions from 0; only the decode step's matrix products see several rows."""
+    pass, positions from 0; only the decode step's matrix products see several rows, with the
+    same kernels as one row's unless the weights are repacked (``repack``)."""
     import llama_cpp
 
     ctx = llm.ctx
