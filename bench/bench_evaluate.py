@@ -288,13 +288,16 @@ def child_ours(hf: str, threads: int) -> dict:
 # ---- roofline --------------------------------------------------------------------------------
 
 
-def big_model(run: Path) -> tuple[Path, dict[str, Path]]:
+def big_model(
+    run: Path, where: Path = BENCH_DIR, variants: tuple[str, ...] = ("F32", "F16", "Q8_0")
+) -> tuple[Path, dict[str, Path]]:
     """A random-init Llama of ~1.2 B parameters (TinyLlama's shape, SmolLM2's tokenizer from
-    the run), made once: HF folder + F32, F16 and Q8_0 GGUFs under .deps/bench/."""
+    the run), made once: HF folder + the ``variants`` GGUFs (F32, F16, Q8_0; Q8_0 is quantized
+    from F16) under ``where`` (.deps/bench/ by default)."""
     import shutil
 
-    hf = BENCH_DIR / "llama-1b-hf"
-    ggufs = {v: BENCH_DIR / f"llama-1b-{v}.gguf" for v in ("F32", "F16", "Q8_0")}
+    hf = where / "llama-1b-hf"
+    ggufs = {v: where / f"llama-1b-{v}.gguf" for v in variants}
     if not (hf / "config.json").is_file():
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -323,14 +326,17 @@ def big_model(run: Path) -> tuple[Path, dict[str, Path]]:
         tmp.rename(hf)
     from llmpipe.gguf import convert_hf_to_gguf, quantize_gguf
 
+    f16 = where / "llama-1b-F16.gguf"
     for variant in ("F32", "F16"):
-        if not ggufs[variant].is_file():
+        path = where / f"llama-1b-{variant}.gguf"
+        needed = variant in variants or (variant == "F16" and "Q8_0" in variants)
+        if needed and not path.is_file():
             say(f"  converting to {variant} GGUF (once)")
-            record = BENCH_DIR / f"llama-1b-{variant}.json"
-            convert_hf_to_gguf(hf, ggufs[variant], variant.lower(), record)
-    if not ggufs["Q8_0"].is_file():
+            record = where / f"llama-1b-{variant}.json"
+            convert_hf_to_gguf(hf, path, variant.lower(), record)
+    if "Q8_0" in variants and not ggufs["Q8_0"].is_file():
         say("  quantizing to Q8_0 (once)")
-        quantize_gguf(ggufs["F16"], ggufs["Q8_0"], "Q8_0", 2, BENCH_DIR / "llama-1b-Q8_0.json")
+        quantize_gguf(f16, ggufs["Q8_0"], "Q8_0", 2, where / "llama-1b-Q8_0.json")
     return hf, ggufs
 
 
@@ -350,7 +356,8 @@ def part_roofline(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
             before = bandwidth.probe(threads)
             probe = tmp / "probe.json"
             probe.write_text(json.dumps(before))
-            fixed = {"tune_threads": False}  # the same thread count as the probe
+            # the same thread count as the probe; one stream, as llama-bench's tg
+            fixed = {"tune_threads": False, "parallel": 1, "repack": True}
             rec = our_shard("llama.cpp", gguf, hf, prompts, sampling, fixed, threads, tmp, probe)
             after = bandwidth.probe(threads)
             peak = max(before["gb_s"], after["gb_s"])
@@ -407,7 +414,8 @@ def part_bench(run: Path, threads: int, tmp: Path, rounds: int = 9) -> None:
     hf = run / "results/models/smollm2/hf"
     prompts = read_prompts(PROMPTS)
     sampling = {"max_new_tokens": 128, "temperature": 0.0}
-    fixed = {"tune_threads": False}  # the same threads as llama-bench
+    # llama-bench's threads and weight repacking, one stream (tg)
+    fixed = {"tune_threads": False, "parallel": 1, "repack": True}
     for variant in ("F16", "Q8_0", "Q4_K_M"):
         gguf = run / f"results/gguf/smollm2/smollm2-{variant}.gguf"
         # llama-bench before, between and after our rounds. This host's speed drifts by a

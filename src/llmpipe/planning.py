@@ -360,6 +360,7 @@ class RunPlan:
             llama = self.eval["llama_cpp"]
             opts.update(
                 quant=variant or self.eval_reference(backend),
+                batch=1 if ppl else llama["parallel"],  # sequences in one context
                 kv_type=llama["kv_type"],
                 n_ctx=chunk if ppl else llama["n_ctx"],
                 flash_attn=llama["flash_attn"],

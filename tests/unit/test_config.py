@@ -43,6 +43,8 @@ def test_default_config_is_valid():
         (lambda c: c["quantize"].update(types=["IQ2_XS"]), "'IQ2_XS' needs an importance matrix"),
         (lambda c: c["finetune"]["defaults"].update(heldout_fraction=1), "heldout_fraction: 1"),
         (lambda c: c["finetune"].update(enabled_for=["smollm2"] * 2), "non-unique"),
+        (lambda c: c["evaluate"]["llama_cpp"].update(parallel=0), "llama_cpp.parallel: 0"),
+        (lambda c: c["evaluate"]["llama_cpp"].update(parallel=257), "llama_cpp.parallel: 257"),
     ],
 )
 def test_schema_rejects_with_the_key_named(mutate, expected):

@@ -302,17 +302,24 @@ def test_gather_sums_totals_and_uses_the_farms_wall_time():
         prompt_tokens=5,
         prefill_s=1.0,
         decode_s=4.0,
+        sequence_decode_s=16.0,  # four prompts shared each step
+        decode_sequences=4,
         decode_bytes=4e9,
         flops=10.0,
     )
     b = _shard(102.0, 130.0, [{"index": 0}], generated_tokens=90, decode_tokens=88,
-               prompt_tokens=15, prefill_s=1.0, decode_s=7.0, decode_bytes=7e9, flops=20.0,
+               prompt_tokens=15, prefill_s=1.0, decode_s=7.0, sequence_decode_s=7.0,
+               decode_bytes=7e9, flops=20.0,
                peak_rss_mb=300.0, load_s=3.0)  # fmt: skip
     g = farm.gather([a, b])
     assert g["generated_tokens"] == 120 and g["prompt_tokens"] == 20 and g["flops"] == 30.0
     assert g["wall_s"] == 30.0  # first start (100) to last end (130), shards overlap
     assert g["tokens_per_min"] == pytest.approx(120 / 30 * 60)
-    assert g["decode_tok_s"] == pytest.approx(116 / 11) and g["prefill_tok_s"] == 10.0
+    assert g["prefill_tok_s"] == 10.0
+    # aggregate: every decode token over the steps' time; per sequence: over each prompt's own
+    assert g["decode_tok_s_aggregate"] == pytest.approx(116 / 11)
+    assert g["decode_tok_s_per_sequence"] == pytest.approx(116 / 23)
+    assert g["decode_sequences"] == 4
     assert g["achieved_gb_s"] == pytest.approx(1.0) and g["roofline_pct"] == pytest.approx(10)
     assert g["load_s"] == 2.0 and g["peak_rss_mb"] == 300.0
     assert [p["index"] for p in g["prompts"]] == [0, 1]

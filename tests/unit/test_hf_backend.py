@@ -81,7 +81,11 @@ def test_prefill_and_decode_are_timed_apart(tiny):
     assert batch.steps == longest - 1 and batch.rows == len(PROMPTS)
     assert batch.prefill_s > 0 and batch.decode_s > 0
     assert sum(r.prefill_s for r in results) == pytest.approx(batch.prefill_s)
-    assert sum(r.decode_s for r in results) == pytest.approx(batch.decode_s)
+    # A row's decode time runs to its own last token (per sequence): within the batch's, and
+    # longer for a row that generated more.
+    assert all(0 < r.decode_s <= batch.decode_s for r in results if r.decode_tokens)
+    by_length = sorted(results, key=lambda r: len(r.token_ids))
+    assert [r.decode_s for r in by_length] == sorted(r.decode_s for r in by_length)
 
 
 def test_cuda_generation_uses_a_static_cache_and_compiles_only_when_asked(tiny):

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import default_config, make_workdir, parse_job_stats, snakemake
+from helpers import REPO, default_config, make_workdir, parse_job_stats, snakemake
 
 from llmpipe.config import read_prompts
 from llmpipe.evaluation.jobs import REQUIRED_KEYS
@@ -18,6 +18,7 @@ from llmpipe.evaluation.jobs import REQUIRED_KEYS
 pytestmark = pytest.mark.workflow
 LLAMA_VARIANTS = ("F16", "Q8_0", "Q4_K_M")
 RUNS = [(v, "llama.cpp") for v in LLAMA_VARIANTS] + [("hf", "transformers")]
+PROMPTS = read_prompts(REPO / "config" / "prompts.txt")
 
 
 def eval_json(run: Path, variant: str, backend: str) -> dict:
@@ -51,6 +52,49 @@ def test_every_figure_is_present_and_finite(default_run, variant, backend):
     assert record["tokens_per_min"] == pytest.approx(
         60 * record["generated_tokens"] / record["wall_s"]
     )
+
+
+@pytest.mark.parametrize(("variant", "backend"), RUNS)
+def test_decode_speed_is_reported_per_sequence_and_aggregate(default_run, variant, backend):
+    """The default run decodes several prompts together on both backends (llama.cpp's
+    parallel sequences, a transformers batch): the aggregate counts every sequence's tokens
+    over the shared steps' time, the per-sequence speed each prompt's own time, so with more
+    than one sequence per step the aggregate is the larger."""
+    record = eval_json(default_run, variant, backend)
+    config = default_config()["evaluate"]
+    section = config["llama_cpp"] if backend == "llama.cpp" else config["transformers"]
+    expected = section["parallel"] if backend == "llama.cpp" else section["batch_size"]
+    assert record["decode_sequences"] == min(expected, len(PROMPTS)) > 1
+    totals = record["totals"]
+    assert record["decode_tok_s_aggregate"] == pytest.approx(
+        totals["decode_tokens"] / totals["decode_s"]
+    )
+    assert record["decode_tok_s_per_sequence"] == pytest.approx(
+        totals["decode_tokens"] / totals["sequence_decode_s"]
+    )
+    assert record["decode_tok_s_aggregate"] > record["decode_tok_s_per_sequence"]
+    assert totals["decode_steps"] < totals["decode_tokens"]
+
+
+@pytest.mark.parametrize("variant", LLAMA_VARIANTS)
+def test_parallel_decoding_gives_the_one_at_a_time_texts(default_run, smollm2_gguf, variant):
+    """Greedy decoding of the default prompts with `parallel` sequences in one context (the
+    default run) gives exactly the tokens of one prompt at a time: each sequence has its own
+    cells and prompt pass; only the decode step's matrix products see several rows."""
+    from llmpipe.evaluation import llama_backend as lb
+    from llmpipe.evaluation.records import Sampling
+
+    config = default_config()["evaluate"]
+    assert config["llama_cpp"]["parallel"] > 1 and config["sampling"]["temperature"] == 0
+    settings = lb.LlamaSettings.from_config({**config["llama_cpp"], "parallel": 1}, threads=2)
+    llm = lb.load(str(smollm2_gguf(variant)), settings)
+    try:
+        alone = lb.generate(llm, list(enumerate(PROMPTS)), Sampling.from_config(config["sampling"]))
+    finally:
+        llm.close()
+    together = texts(default_run, variant, "llama.cpp")
+    assert [t["token_ids"] for t in together] == [r.token_ids for r in alone]
+    assert [t["text"] for t in together] == [r.text for r in alone]
 
 
 def test_quality_ordering_against_the_f16_reference(default_run):

@@ -183,7 +183,10 @@ def evaluate_llama_cpp(
     staged: bool = False,
     a: Assumptions = DEFAULTS,
 ) -> Estimate:
-    """Evaluation with llama.cpp (all layers offloaded on a GPU; split by layer over GPUs).
+    """Evaluation with llama.cpp (all layers offloaded on a GPU; split by layer over GPUs);
+    ``batch`` prompts decoded together (``evaluate.llama_cpp.parallel``: that many sequences,
+    each with its own ``n_ctx`` cells, a decode step of ``batch`` tokens, every prompt's own
+    prompt pass).
 
     Memory: the GGUF's tensors + KV cache (``kv_type``, f16 by default) + the compute buffer:
     per token of a micro-batch, attention scores (f32, heads x context; none with
@@ -196,10 +199,13 @@ def evaluate_llama_cpp(
     stays resident) and compared in blocks of ``KLD_BLOCK`` positions in float64. ``n_ctx`` is
     the context llama.cpp
     allocates per sequence (default: prompt + new tokens). On a GPU the allocation is what
-    counts: KV for ``n_ctx`` cells and a compute buffer reserved for ``llama_cpp_ubatch`` tokens
-    at that context; the file is memory-mapped and copied to the GPU (host pages are page
-    cache), so host memory is the process (+ the file when staged). On a CPU only pages written
-    count: the KV cells and scratch that ``seq_len`` + ``new_tokens`` use, and the
+    counts: KV for ``batch x n_ctx`` cells and a compute buffer reserved for
+    ``llama_cpp_ubatch`` tokens, each attending to its own sequence's ``n_ctx`` cells; the file
+    is memory-mapped and copied to the GPU (host pages are page cache), so host memory is the
+    process (+ the file when staged). On a CPU only pages written count: all ``batch x n_ctx``
+    KV cells (llama.cpp clears the whole cache when it makes the context: measured, SmolLM2
+    at n_ctx 2048, +137 MiB from 1 to 4 sequences), the scratch of the larger of a prompt pass
+    (``seq_len`` tokens, at most a micro-batch) and a decode step (``batch`` tokens), and the
     memory-mapped GGUF, which is the weights themselves.
     """
     fmt = normalize_format(quant)
@@ -215,13 +221,13 @@ def evaluate_llama_cpp(
         scores = 0 if flash_attn else shape.n_heads * context
         return 4 * (tokens * (scores + 2 * shape.ffn + 4 * shape.hidden) + logit_rows * shape.vocab)
 
+    # A sequence's tokens attend to its own cells only (no unified cache): context = n_ctx.
+    kv = shape.kv_cache_bytes(allocated, batch, kv_b)
     if hw.is_gpu:  # reserved for the worst case: a full micro-batch, every row's logits
-        kv = shape.kv_cache_bytes(allocated, batch, kv_b)
-        compute = compute_buffer(a.llama_cpp_ubatch, batch * allocated, a.llama_cpp_ubatch)
-    else:
-        tokens = min(a.llama_cpp_ubatch, batch * seq_len)
-        kv = shape.kv_cache_bytes(used, batch, kv_b)
-        compute = compute_buffer(tokens, batch * used, min(tokens, batch * outputs))
+        compute = compute_buffer(a.llama_cpp_ubatch, allocated, a.llama_cpp_ubatch)
+    else:  # a prompt's own pass, or a decode step of one token per sequence
+        tokens = max(min(a.llama_cpp_ubatch, seq_len), batch)
+        compute = compute_buffer(tokens, used, min(tokens, max(outputs, batch)))
     logits_out = 2 * batch * outputs * shape.vocab * 4  # output buffer + the caller's copy
     kld = 0
     if kld_chunks:
@@ -229,7 +235,7 @@ def evaluate_llama_cpp(
             kld_chunks * outputs * record_width(shape.vocab) * 2
             + KLD_BLOCK * shape.vocab * 8 * KLD_ARRAYS
         )
-    cells = batch * (allocated if hw.is_gpu else used)
+    cells = batch * allocated
     times = _inference_seconds(
         shape,
         hw,

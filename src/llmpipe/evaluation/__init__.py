@@ -24,8 +24,13 @@ How every figure of ``results/eval/{model}/{variant}-{backend}.json`` is compute
   ``load_source``: ``ram_disk`` when loaded from the node-local RAM-disk copy, else ``disk``.
 - ``prompt_tokens`` / ``generated_tokens``: sums over all prompts; generated tokens are the
   sampled ones, including a final end-of-generation token (the texts file lists the ids).
-- ``prefill_tok_s`` = prompt tokens / time of the prompt passes; ``decode_tok_s`` = tokens
-  produced by decode steps (all but each prompt's first) / decode time (sampling included).
+- ``prefill_tok_s`` = prompt tokens / time of the prompt passes. Decode, two figures of the
+  tokens produced by decode steps (all but each prompt's first; sampling included in the
+  time): ``decode_tok_s_aggregate`` = those tokens / the time of the decode steps, all
+  sequences together (``decode_sequences`` prompts at most share a step: llama.cpp's
+  ``parallel``, transformers' ``batch_size``); ``decode_tok_s_per_sequence`` = those tokens /
+  the summed time each prompt spent in the steps it took part in (what one prompt's stream
+  sees). Equal when one prompt runs at a time.
 - ``wall_s``: the farm's wall time, first shard start to last shard end (loads included);
   ``tokens_per_min`` = 60 x generated tokens / ``wall_s``.
 - ``peak_rss_mb``: the largest shard's peak resident memory; ``peak_vram_mb``: the largest

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 class Generation:
     """What a model generated for a job's prompts."""
 
-    results: list[PromptResult]  # in prompt order
+    results: list[PromptResult]  # in prompt order; each one's decode_s: the steps it was in
     decode_steps: int  # decode forward passes: one batched step reads the weights once
+    decode_s: float  # time of those passes, every sequence together (the aggregate's time)
+    sequences: int  # prompts decoded together at most (llama.cpp parallel, transformers batch)
     extra: dict = field(default_factory=dict)  # the backend's own record fields
 
 

@@ -5,6 +5,12 @@ prompts' line indices, so the gathered result lists every prompt once, in file o
 the shard count. Totals are sums over the shards; rates are recomputed from the summed times;
 ``wall_s`` is the farm's wall time, from the first shard's start to the last one's end (shards
 may run in parallel on different nodes), and ``tokens_per_min`` is measured over it.
+
+Decode speed comes in two figures, for both backends (``decode_speeds``): the aggregate, every
+decode token over the time of the decode steps (several prompts share a step: llama.cpp's
+``parallel`` sequences, a transformers batch), and the per-sequence speed one prompt's stream
+sees, every decode token over the summed time each prompt spent in the steps it took part in.
+One prompt at a time, the two are equal.
 """
 
 from __future__ import annotations
@@ -25,11 +31,25 @@ SUMMED = (
     "decode_steps",
     "prefill_s",
     "decode_s",
+    "sequence_decode_s",
     "generate_s",
     "flops",
     "decode_bytes",
     "gb_disk_to_device",
 )
+
+
+DECODE_SPEEDS = ("decode_tok_s_aggregate", "decode_tok_s_per_sequence")
+
+
+def decode_speeds(decode_tokens: int, decode_s: float, sequence_decode_s: float) -> dict:
+    """Aggregate and per-sequence decode tok/s (see the module docstring); None without time."""
+    return {
+        "decode_tok_s_aggregate": decode_tokens / decode_s if decode_s else None,
+        "decode_tok_s_per_sequence": (
+            decode_tokens / sequence_decode_s if sequence_decode_s else None
+        ),
+    }
 
 
 def split(n_items: int, n_shards: int) -> list[range]:
@@ -78,7 +98,8 @@ def gather(shards: list[dict]) -> dict:
     out["wall_s"] = finished - started
     out["tokens_per_min"] = 60 * out["generated_tokens"] / out["wall_s"] if out["wall_s"] else None
     out["prefill_tok_s"] = out["prompt_tokens"] / out["prefill_s"] if out["prefill_s"] else None
-    out["decode_tok_s"] = out["decode_tokens"] / out["decode_s"] if out["decode_s"] else None
+    out.update(decode_speeds(out["decode_tokens"], out["decode_s"], out["sequence_decode_s"]))
+    out["decode_sequences"] = max(s.get("decode_sequences") or 1 for s in shards)
     out["load_s"] = sum(s["load_s"] for s in shards) / len(shards)
     out["load_source"] = _one_or_mixed(s["load_source"] for s in shards)
     out["peak_rss_mb"] = max(s["peak_rss_mb"] for s in shards)

@@ -9,13 +9,16 @@ GPU is loaded with ``device_map="auto"`` across the GPUs the job was granted. On
 and transformers' dynamic cache.
 
 Timing without a decode loop of our own: a ``BaseStreamer`` stamps the moment generate hands
-over the first new token (end of the prompt pass) and the end; prefill and decode are the two
-spans. Per-prompt seeds under sampling: one batched ``generate`` draws every row from one
-global generator, so a prompt's sample would depend on its batch. ``PerPromptSampler`` (a
-logits processor, the last one generate runs before its own draw) applies transformers'
-temperature, top-k and top-p warpers and draws each row from that prompt's own
-``torch.Generator`` (``Sampling.prompt_seed``), leaving only the drawn token possible: generate's
-own multinomial then returns exactly it. The forward passes and the cache stay generate's.
+over each new token; the first stamp ends the prompt pass. A batch's decode time (from the first
+token to the end) is the aggregate's; a row's own ``decode_s`` is measured up to the stamp of
+its last token (the steps it took part in: a row that stopped early is only padding after that),
+the per-sequence figure. Per-prompt seeds under sampling: one batched ``generate`` draws every
+row from one global generator, so a prompt's sample would depend on its batch.
+``PerPromptSampler`` (a logits processor, the last one generate runs before its own draw)
+applies transformers' temperature, top-k and top-p warpers and draws each row from that prompt's
+own ``torch.Generator`` (``Sampling.prompt_seed``), leaving only the drawn token possible:
+generate's own multinomial then returns exactly it. The forward passes and the cache stay
+generate's.
 
 ``HFBackend`` is the evaluation's interface to it (``backend.Backend``); the functions below
 are its parts, which the benchmarks also call on their own.
@@ -178,18 +181,22 @@ def bos_for_chunks(tokenizer) -> int | None:
 
 class FirstTokenClock:
     """A ``BaseStreamer``: generate calls ``put`` with the prompt, then with each new token,
-    then ``end``. The second ``put`` is the end of the prompt pass (its token is on the host,
-    so the device has finished it)."""
+    then ``end``. ``stamps[k]``: when new token k was on the host (so the device had finished
+    its step); ``stamps[0]`` ends the prompt pass."""
 
     def __init__(self):
         self.puts = 0
-        self.first = None
+        self.stamps: list[float] = []
         self.ended = None
+
+    @property
+    def first(self) -> float | None:
+        return self.stamps[0] if self.stamps else None
 
     def put(self, value) -> None:
         self.puts += 1
-        if self.puts == 2:
-            self.first = time.perf_counter()
+        if self.puts >= 2:
+            self.stamps.append(time.perf_counter())
 
     def end(self) -> None:
         self.ended = time.perf_counter()
@@ -374,7 +381,6 @@ def _generate_batch(model, tokenizer, device, part, sampling: Sampling, kwargs: 
         stop = next((k for k, t in enumerate(toks) if t in eos), None)
         generated.append(toks if stop is None else toks[: stop + 1])
     results = []
-    total_decode = sum(max(len(g) - 1, 0) for g in generated) or 1
     for row, (index, prompt, ids) in enumerate(part):
         toks = generated[row]
         stop = "eos" if toks and toks[-1] in eos else "length"
@@ -388,12 +394,21 @@ def _generate_batch(model, tokenizer, device, part, sampling: Sampling, kwargs: 
                 text=tokenizer.decode(text_ids, skip_special_tokens=True),
                 # A batch's time, shared by its rows in proportion to their tokens.
                 prefill_s=prefill_s * len(ids) / sum(len(p[2]) for p in part),
-                decode_s=decode_s * max(len(toks) - 1, 0) / total_decode,
+                decode_s=_row_decode_s(clock.stamps, len(toks), finished_at),
                 stop=stop,
             )
         )
     steps = max(len(new[0]) - 1, 0) if new else 0
     return results, BatchRecord(rows, steps, width, prefill_s, decode_s)
+
+
+def _row_decode_s(stamps: list[float], generated: int, finished_at: float) -> float:
+    """A row's decode time: from its first token to its last (stamp ``generated - 1``); the
+    batch's end when the streamer saw fewer steps."""
+    if generated <= 1 or not stamps:
+        return 0.0
+    last = stamps[generated - 1] if generated - 1 < len(stamps) else finished_at
+    return last - stamps[0]
 
 
 def chunk_logits(model, device: str, chunk_input: np.ndarray, first: int) -> np.ndarray:
@@ -484,6 +499,8 @@ class HFModel:
         return Generation(
             results,
             decode_steps=sum(b.steps for b in batches),
+            decode_s=sum(b.decode_s for b in batches),
+            sequences=max((b.rows for b in batches), default=1),
             extra={"batches": [asdict(b) for b in batches]},
         )
 

@@ -36,7 +36,8 @@ REQUIRED_KEYS = (
     "prompt_tokens",
     "generated_tokens",
     "prefill_tok_s",
-    "decode_tok_s",
+    "decode_tok_s_aggregate",
+    "decode_tok_s_per_sequence",
     "tokens_per_min",
     "wall_s",
     "peak_rss_mb",
@@ -145,6 +146,8 @@ class _ShardRun:
     weights: figures.WeightBytes
     kv_bytes_per_position: float
     decode_steps: int
+    decode_s: float  # the decode steps' time, every sequence together
+    sequences: int  # prompts decoded together at most
     results: list[PromptResult]
     prompt_decode_bytes: list[float]  # bytes each prompt's decode moved (its share of a batch)
     decode_bytes: float
@@ -185,7 +188,8 @@ def run_shard(
     peak, peak_source = _peak_bandwidth(run.device, threads, bw)
     results = run.results
     decode_tokens = sum(r.decode_tokens for r in results)
-    decode_s = sum(r.decode_s for r in results)
+    decode_s = run.decode_s
+    sequence_decode_s = sum(r.decode_s for r in results)
     per_prompt = [
         nbytes / r.decode_s / figures.GB
         for r, nbytes in zip(results, run.prompt_decode_bytes, strict=True)
@@ -207,8 +211,11 @@ def run_shard(
         "generated_tokens": sum(r.generated_tokens for r in results),
         "decode_tokens": decode_tokens,
         "decode_steps": run.decode_steps,
+        "decode_sequences": run.sequences,
         "prefill_s": sum(r.prefill_s for r in results),
         "decode_s": decode_s,
+        "sequence_decode_s": sequence_decode_s,
+        **farm.decode_speeds(decode_tokens, decode_s, sequence_decode_s),
         "flops": sum(
             figures.generation_flops(shape, r.prompt_tokens, r.generated_tokens) for r in results
         ),
@@ -240,10 +247,17 @@ def run_shard(
     print(
         f"{model_id} {variant} {backend} {record['shard']}: {len(results)} prompts, "
         f"{record['generated_tokens']} tokens generated, decode {decode_tokens} tokens in "
-        f"{decode_s:.2f} s, load {run.load_s:.2f} s ({staged['load_source']})",
+        f"{decode_s:.2f} s ({run.sequences} at a time: "
+        f"{_tok_s(record['decode_tok_s_aggregate'])} tok/s aggregate, "
+        f"{_tok_s(record['decode_tok_s_per_sequence'])} per sequence), "
+        f"load {run.load_s:.2f} s ({staged['load_source']})",
         flush=True,
     )
     return record
+
+
+def _tok_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _generate(runner, path, prompts, samp, settings, threads, shape, gpus) -> _ShardRun:
@@ -285,6 +299,8 @@ def _generate(runner, path, prompts, samp, settings, threads, shape, gpus) -> _S
         weights=weights,
         kv_bytes_per_position=figures.kv_bytes_per_position(shape, kv_elem),
         decode_steps=steps,
+        decode_s=generation.decode_s,
+        sequences=generation.sequences,
         results=results,
         prompt_decode_bytes=per_prompt,
         decode_bytes=sum(per_prompt),
@@ -508,7 +524,10 @@ def gather(
         "variant": variant,
         "backend": backend,
         **{k: gathered[k] for k in ("load_s", "load_source", "prompt_tokens", "generated_tokens")},
-        **{k: gathered[k] for k in ("prefill_tok_s", "decode_tok_s", "tokens_per_min", "wall_s")},
+        "prefill_tok_s": gathered["prefill_tok_s"],
+        **{k: gathered[k] for k in farm.DECODE_SPEEDS},
+        "decode_sequences": gathered["decode_sequences"],
+        **{k: gathered[k] for k in ("tokens_per_min", "wall_s")},
         **{k: gathered[k] for k in ("peak_rss_mb", "peak_vram_mb", "gb_disk_to_device", "flops")},
         **{k: gathered[k] for k in ("bytes_per_token", "achieved_gb_s", "peak_bandwidth_gb_s")},
         "roofline_pct": gathered["roofline_pct"],
@@ -520,6 +539,7 @@ def gather(
             for k in (
                 "prefill_s",
                 "decode_s",
+                "sequence_decode_s",
                 "generate_s",
                 "decode_tokens",
                 "decode_steps",

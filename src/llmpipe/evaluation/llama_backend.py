@@ -5,17 +5,26 @@ below are its parts, used on their own by the sweep and the importance matrix.
 
 The model and context are made by ``llama_cpp.Llama`` (every setting from config); the loops
 use the C API directly (``llama_decode`` on a reused batch, llama.cpp's own sampler chain), so
-a generated token costs one ``llama_decode`` plus a native sampling call, nothing more, and the
-prompt pass and the generation are timed separately. Plain greedy decoding reads the argmax
-straight off the logits (the sampler chain copies the whole vocabulary into a fresh
-12-byte-per-token array for every token, which costs cache traffic the argmax does not).
+a generated token costs its share of one ``llama_decode`` plus a native sampling call, nothing
+more, and the prompt passes and the decode steps are timed separately. Plain greedy decoding
+reads the argmax straight off the logits (the sampler chain copies the whole vocabulary into a
+fresh 12-byte-per-token array for every token, which costs cache traffic the argmax does not).
+
+Generation decodes up to ``parallel`` prompts together, as llama-server and
+llama-batched-bench do: one KV cache of ``parallel`` sequences (``n_seq_max``), each with its
+own stream of ``n_ctx`` cells (``kv_unified`` off: the context holds ``parallel x n_ctx``
+cells, so ``n_ctx`` keeps meaning one prompt's context), one ``llama_decode`` per step for
+every live sequence, and a finished sequence's slot refilled by the next prompt (its cells
+cleared with ``llama_memory_seq_rm``, its prompt prefilled in a pass of its own). Each prompt
+has its own sampler chain and seed, so it samples the same tokens whichever slot it lands in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +53,8 @@ class LlamaSettings:
     use_mmap: bool
     offload_kqv: bool
     tune_threads: bool
+    parallel: int
+    repack: bool
 
     @classmethod
     def from_config(cls, section: dict, threads: int) -> LlamaSettings:
@@ -77,10 +88,12 @@ def load(
     *,
     n_ctx: int | None = None,
     n_batch: int | None = None,
+    parallel: int = 1,
     verbose: bool = False,
 ):
     """A ``llama_cpp.Llama`` with every setting from ``settings`` (``n_ctx``/``n_batch`` may be
-    overridden, e.g. for perplexity, where a whole chunk is one batch)."""
+    overridden, e.g. for perplexity, where a whole chunk is one batch), its context holding
+    ``parallel`` sequences of ``n_ctx`` cells each."""
     import llama_cpp
 
     n_ctx = n_ctx or settings.n_ctx
@@ -97,31 +110,74 @@ def load(
             flush=True,
         )
     try:
-        return llama_cpp.Llama(
-            str(path),
-            n_gpu_layers=settings.n_gpu_layers,
-            split_mode=split,
-            main_gpu=settings.main_gpu,
-            tensor_split=list(settings.tensor_split) if settings.tensor_split else None,
-            use_mmap=settings.use_mmap,
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_ubatch=min(settings.n_ubatch, n_batch),
-            n_threads=settings.n_threads,
-            n_threads_batch=settings.n_threads_batch,
-            flash_attn=settings.flash_attn,
-            offload_kqv=settings.offload_kqv,
-            type_k=ggml_type(settings.kv_type),
-            type_v=ggml_type(settings.kv_type),
-            logits_all=False,
-            verbose=verbose,
-        )
+        with _model_defaults(use_extra_bufts=settings.repack):
+            llm = llama_cpp.Llama(
+                str(path),
+                n_gpu_layers=settings.n_gpu_layers,
+                split_mode=split,
+                main_gpu=settings.main_gpu,
+                tensor_split=list(settings.tensor_split) if settings.tensor_split else None,
+                use_mmap=settings.use_mmap,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=min(settings.n_ubatch, n_batch),
+                n_threads=settings.n_threads,
+                n_threads_batch=settings.n_threads_batch,
+                flash_attn=settings.flash_attn,
+                offload_kqv=settings.offload_kqv,
+                type_k=ggml_type(settings.kv_type),
+                type_v=ggml_type(settings.kv_type),
+                logits_all=False,
+                verbose=verbose,
+            )
+        if parallel > 1:
+            _make_sequences(llm, parallel, n_ctx, verbose)
+        return llm
     except (ValueError, RuntimeError) as err:
         raise PipelineError(f"llama.cpp could not load {path}: {err}") from err
 
 
+@contextlib.contextmanager
+def _model_defaults(**fields):
+    """``Llama()`` builds its model parameters from ``llama_model_default_params()`` and has
+    no argument for some of them (``use_extra_bufts``: weight repacking): the defaults carry
+    ``fields`` while it loads."""
+    from llama_cpp import llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def amended():
+        params = original()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    lib.llama_model_default_params = amended
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
+def _make_sequences(llm, parallel: int, n_ctx: int, verbose: bool) -> None:
+    """Replace ``llm``'s one-sequence context with one of ``parallel`` sequences.
+
+    ``Llama()`` has no ``n_seq_max`` argument, so its context (its settings kept) is freed and
+    made again. ``kv_unified`` off: llama.cpp splits ``n_ctx`` evenly over the sequences, each
+    attending only to its own stream of cells; ``n_ctx x parallel`` cells give each the
+    configured ``n_ctx`` (llama.cpp's advice for sequences that share no prefix)."""
+    from llama_cpp import _internals
+
+    params = llm.context_params
+    params.n_ctx = n_ctx * parallel
+    params.n_seq_max = parallel
+    params.kv_unified = False
+    llm._ctx.close()  # freed first: the two never hold memory at once
+    llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=verbose)
+
+
 class _Batch:
-    """One reusable ``llama_batch`` for a single sequence."""
+    """One reusable ``llama_batch``: a sequence's tokens, or one token of each of several."""
 
     def __init__(self, capacity: int) -> None:
         import llama_cpp
@@ -129,9 +185,9 @@ class _Batch:
         self.capacity = capacity
         self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
 
-    def fill(self, tokens, start_pos: int, logits_from: int | None) -> None:
-        """``tokens`` at positions ``start_pos``...; logits for batch index >= ``logits_from``
-        (None: only the last token)."""
+    def fill(self, tokens, start_pos: int, logits_from: int | None, seq_id: int = 0) -> None:
+        """``tokens`` of sequence ``seq_id`` at positions ``start_pos``...; logits for batch
+        index >= ``logits_from`` (None: only the last token)."""
         b = self.batch
         n = len(tokens)
         if n > self.capacity:
@@ -142,15 +198,18 @@ class _Batch:
             b.token[i] = int(tok)
             b.pos[i] = start_pos + i
             b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
+            b.seq_id[i][0] = seq_id
             b.logits[i] = i >= last
 
-    def one_token(self, pos: int):
-        """Lay out a one-token step at ``pos`` (logits on) and return ``(batch, token, pos)``:
-        the raw batch and its token and position arrays, the only fields a decode loop then
-        writes per step (index 0)."""
-        self.fill([0], pos, None)
-        return self.batch, self.batch.token, self.batch.pos
+    def fill_step(self, rows) -> None:
+        """One decode step: a ``(token, position, sequence id)`` per row, logits for each."""
+        b = self.batch
+        if len(rows) > self.capacity:
+            raise ValueError(f"step of {len(rows)} sequences exceeds capacity {self.capacity}")
+        b.n_tokens = len(rows)
+        token, pos, n_seq_id, seq_id, logits = b.token, b.pos, b.n_seq_id, b.seq_id, b.logits
+        for i, (tok, p, seq) in enumerate(rows):
+            token[i], pos[i], n_seq_id[i], seq_id[i][0], logits[i] = tok, p, 1, seq, True
 
     def close(self) -> None:
         import llama_cpp
@@ -269,51 +328,192 @@ def _sampler(llm, sampling: Sampling, seed: int, n_ctx: int):
     return chain
 
 
+@dataclass
+class _Sequence:
+    """One prompt in a slot of the context: sequence id ``seq``, its tokens so far."""
+
+    seq: int
+    index: int
+    prompt: str
+    tokens: list[int]
+    chain: object
+    ids: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # the decode steps it took part in (and its first token's sampling)
+    stop: str | None = None
+
+    @property
+    def n_past(self) -> int:
+        """Positions in its KV cells: the prompt and every sampled token but the newest."""
+        return len(self.tokens) + len(self.ids) - 1
+
+    def result(self, llm) -> PromptResult:
+        text_ids = self.ids[:-1] if self.stop == "eos" else self.ids
+        return PromptResult(
+            index=self.index,
+            prompt=self.prompt,
+            prompt_tokens=len(self.tokens),
+            token_ids=self.ids,
+            text=llm.detokenize(text_ids).decode("utf-8", errors="replace"),
+            prefill_s=self.prefill_s,
+            decode_s=self.decode_s,
+            stop=self.stop or "length",
+        )
+
+
+@dataclass
+class Decoded:
+    """``generate``'s results (prompt order) and the time and count of its decode steps (every
+    live sequence in one ``llama_decode``); a prompt's own ``decode_s`` counts the steps it
+    took part in, so it exceeds its share when several sequences share a step."""
+
+    results: list[PromptResult]
+    decode_steps: int
+    decode_s: float
+    parallel: int
+
+
 def generate(
     llm, prompts: list[tuple[int, str]], sampling: Sampling, argmax_greedy: bool = True
 ) -> list[PromptResult]:
-    """Each prompt from an empty KV cache: one timed prompt pass, then timed decode steps.
-    ``argmax_greedy``: greedy without a repetition penalty takes the logits' argmax (the
-    token llama.cpp's greedy sampler picks: the first largest) instead of the sampler chain."""
+    """Every prompt, up to the context's ``n_seq_max`` at a time (``decode``); the results."""
+    return decode(llm, prompts, sampling, argmax_greedy).results
+
+
+def decode(
+    llm,
+    prompts: list[tuple[int, str]],
+    sampling: Sampling,
+    argmax_greedy: bool = True,
+    stop_at_eog: bool = True,
+) -> Decoded:
+    """The prompts through the context's ``n_seq_max`` slots, in order: a free slot takes the
+    next prompt (its cells cleared, one timed prompt pass from position 0, its first token
+    sampled), then one timed ``llama_decode`` advances every live sequence by a token.
+    ``argmax_greedy``: greedy without a repetition penalty takes the logits' argmax (the token
+    llama.cpp's greedy sampler picks: the first largest) instead of the sampler chain.
+    ``stop_at_eog`` False: every prompt runs to ``max_new_tokens`` (a benchmark's fixed-length
+    decode, as llama-batched-bench's).
+
+    A sequence computes what it would alone: its own cells (no unified cache), its own prompt
+    pass, positions from 0; only the decode step's matrix products see several rows, with the
+    same kernels as one row's unless the weights are repacked (``repack``)."""
     import llama_cpp
 
-    n_ctx = llm.n_ctx()
-    batch = _Batch(max(llm.n_batch, 1))
+    ctx = llm.ctx
+    parallel = int(llama_cpp.llama_n_seq_max(ctx))
+    n_ctx = int(llama_cpp.llama_n_ctx_seq(ctx))
+    memory = llama_cpp.llama_get_memory(ctx)
     plain_greedy = argmax_greedy and sampling.greedy and sampling.repetition_penalty == 1.0
     argmax = _argmax_reader(llm) if plain_greedy else None
+    sample = llama_cpp.llama_sampler_sample
     v = vocab(llm)
     is_eog = functools.cache(lambda token: bool(llama_cpp.llama_vocab_is_eog(v, token)))
-    results = []
+
+    def pick(s: _Sequence, i: int) -> None:
+        """Sample ``s``'s next token from batch row ``i``'s logits; mark why it stops."""
+        tok = argmax(i) if argmax is not None else int(sample(s.chain, ctx, i))
+        s.ids.append(tok)
+        if stop_at_eog and is_eog(tok):
+            s.stop = "eos"
+        elif len(s.ids) >= sampling.max_new_tokens:
+            s.stop = "length"
+        elif s.n_past >= n_ctx:
+            s.stop = "context"
+
+    queue = [
+        (index, prompt, _prompt_tokens(llm, index, prompt, n_ctx)) for index, prompt in prompts
+    ]
+    queue.reverse()  # popped from the end: prompt order
+    free = list(range(parallel - 1, -1, -1))
+    live: list[_Sequence] = []
+    done: list[_Sequence] = []
+    prefill = _Batch(max(llm.n_batch, 1))
+    step = _Batch(parallel)
+    steps, decode_s = 0, 0.0
     try:
-        for index, prompt in prompts:
-            tokens = tokenize(llm, prompt)
-            if not tokens:
-                raise PipelineError(f"prompt {index + 1} tokenizes to nothing")
-            if len(tokens) >= n_ctx:
-                raise ConfigError(
-                    f"prompt {index + 1} has {len(tokens)} tokens, more than "
-                    f"evaluate.llama_cpp.n_ctx={n_ctx} allows; raise n_ctx"
-                )
-            chain = _sampler(llm, sampling, sampling.prompt_seed(index), n_ctx)
-            try:
-                result = _generate_one(
-                    llm, batch, chain, argmax, is_eog, index, prompt, tokens, sampling
-                )
-            finally:
-                llama_cpp.llama_sampler_free(chain)
-            results.append(result)
+        while True:
+            while queue and free:
+                index, prompt, tokens = queue.pop()
+                seq = _Sequence(free.pop(), index, prompt, tokens, None)
+                seq.chain = _sampler(llm, sampling, sampling.prompt_seed(index), n_ctx)
+                llama_cpp.llama_memory_seq_rm(memory, seq.seq, -1, -1)
+                seq.prefill_s = _prefill(llm, prefill, seq)
+                start = time.perf_counter()
+                pick(seq, -1)
+                seq.decode_s = time.perf_counter() - start
+                decode_s += seq.decode_s
+                (done if seq.stop else live).append(seq)
+                if seq.stop:
+                    free.append(seq.seq)
+            if not live:
+                break
+            start = time.perf_counter()
+            step.fill_step([(s.ids[-1], s.n_past, s.seq) for s in live])
+            _check_decode(llama_cpp.llama_decode(ctx, step.batch))
+            for i, s in enumerate(live):
+                pick(s, i)
+            spent = time.perf_counter() - start
+            steps += 1
+            decode_s += spent
+            going = []
+            for s in live:
+                s.decode_s += spent
+                if s.stop:
+                    done.append(s)
+                    free.append(s.seq)
+                else:
+                    going.append(s)
+            live = going
     finally:
-        batch.close()
-    return results
+        for s in live + done:
+            if s.chain is not None:
+                llama_cpp.llama_sampler_free(s.chain)
+        prefill.close()
+        step.close()
+        llama_cpp.llama_memory_clear(memory, True)
+    results = sorted((s.result(llm) for s in done), key=lambda r: r.index)
+    return Decoded(results, steps, decode_s, parallel)
+
+
+def _prompt_tokens(llm, index: int, prompt: str, n_ctx: int) -> list[int]:
+    tokens = tokenize(llm, prompt)
+    if not tokens:
+        raise PipelineError(f"prompt {index + 1} tokenizes to nothing")
+    if len(tokens) >= n_ctx:
+        raise ConfigError(
+            f"prompt {index + 1} has {len(tokens)} tokens, more than "
+            f"evaluate.llama_cpp.n_ctx={n_ctx} allows; raise n_ctx"
+        )
+    return tokens
+
+
+def _prefill(llm, batch: _Batch, seq: _Sequence) -> float:
+    """``seq``'s prompt in passes of ``n_batch`` tokens (logits for its last token only);
+    the seconds it took. The repetition penalty sees the prompt, as transformers' does."""
+    import llama_cpp
+
+    for tok in seq.tokens:
+        llama_cpp.llama_sampler_accept(seq.chain, tok)
+    tokens = seq.tokens
+    start = time.perf_counter()
+    for pos in range(0, len(tokens), batch.capacity):
+        part = tokens[pos : pos + batch.capacity]
+        last_part = pos + batch.capacity >= len(tokens)
+        batch.fill(part, pos, None if last_part else len(part), seq_id=seq.seq)
+        _decode(llm, batch)
+    llama_cpp.llama_synchronize(llm.ctx)
+    return time.perf_counter() - start
 
 
 def _argmax_reader(llm):
-    """A function returning the argmax of the last decoded token's logits, read in place.
+    """A function returning the argmax of batch row ``i``'s logits (-1: the last), read in
+    place.
 
-    ``llama_get_logits_ith`` synchronizes and returns the row's address. The row lives in the
+    ``llama_get_logits_ith`` synchronizes and returns the row's address. The rows live in the
     context's output buffer, which stays put from one decode to the next, so the numpy view
-    is made once per address, not every token (a decode step streams the weights through the
-    caches and leaves Python's own objects cold, so making it each time is costly)."""
+    of an address is made once, not every token (a decode step streams the weights through
+    the caches and leaves Python's own objects cold, so making it each time is costly)."""
     import ctypes
 
     import llama_cpp
@@ -323,73 +523,20 @@ def _argmax_reader(llm):
         ctypes.cast(llama_cpp.llama_get_logits_ith, ctypes.c_void_p).value
     )
     ctx, n_vocab = llm.ctx, llm.n_vocab()
-    seen, row = None, None
+    rows: dict[int, np.ndarray] = {}
 
-    def argmax() -> int:
-        nonlocal seen, row
-        address = row_address(ctx, -1)
-        if address != seen:
+    def argmax(i: int = -1) -> int:
+        address = row_address(ctx, i)
+        row = rows.get(address)
+        if row is None:
             if not address:
-                raise PipelineError("llama.cpp returned no logits for the last token")
-            seen = address
-            row = np.ctypeslib.as_array((ctypes.c_float * n_vocab).from_address(address))
+                raise PipelineError(f"llama.cpp returned no logits for batch row {i}")
+            row = rows[address] = np.ctypeslib.as_array(
+                (ctypes.c_float * n_vocab).from_address(address)
+            )
         return int(row.argmax())
 
     return argmax
-
-
-def _generate_one(
-    llm, batch, chain, argmax, is_eog, index, prompt, tokens, sampling
-) -> PromptResult:
-    """One prompt. The decode loop does as little Python as it can between two
-    ``llama_decode`` calls: the one-token batch is laid out once and only its token and
-    position change (on a small model the Python between two steps is a visible share)."""
-    import llama_cpp
-
-    n_ctx = llm.n_ctx()
-    ctx = llm.ctx
-    _clear(llm)
-    for tok in tokens:  # the repetition penalty sees the prompt, as transformers' does
-        llama_cpp.llama_sampler_accept(chain, tok)
-    start = time.perf_counter()
-    for pos in range(0, len(tokens), batch.capacity):
-        part = tokens[pos : pos + batch.capacity]
-        last_part = pos + batch.capacity >= len(tokens)
-        batch.fill(part, pos, None if last_part else len(part))
-        _decode(llm, batch)
-    llama_cpp.llama_synchronize(ctx)
-    prefilled = time.perf_counter()
-    ids: list[int] = []
-    n_past = len(tokens)
-    stop = "length"
-    step, token_slot, pos_slot = batch.one_token(n_past)
-    decode, sample = llama_cpp.llama_decode, llama_cpp.llama_sampler_sample
-    while True:
-        tok = argmax() if argmax is not None else int(sample(chain, ctx, -1))
-        ids.append(tok)
-        if is_eog(tok):
-            stop = "eos"
-            break
-        if len(ids) >= sampling.max_new_tokens:
-            break
-        if n_past >= n_ctx:
-            stop = "context"
-            break
-        token_slot[0], pos_slot[0] = tok, n_past
-        _check_decode(decode(ctx, step))
-        n_past += 1
-    done = time.perf_counter()
-    text_ids = ids[:-1] if stop == "eos" else ids
-    return PromptResult(
-        index=index,
-        prompt=prompt,
-        prompt_tokens=len(tokens),
-        token_ids=ids,
-        text=llm.detokenize(text_ids).decode("utf-8", errors="replace"),
-        prefill_s=prefilled - start,
-        decode_s=done - prefilled,
-        stop=stop,
-    )
 
 
 def chunk_logits(llm, chunk_input: np.ndarray, first: int) -> np.ndarray:
@@ -500,8 +647,9 @@ class LlamaCppModel:
         # Read before the model is loaded: the reader maps the whole file, and with the model's
         # own mapping of it the job's peak memory would count the file twice.
         self._weight_bytes = gguf_weight_bytes(self.path)
-        # perplexity: the whole chunk is one batch
-        self.llm = load(str(path), settings, n_ctx=n_ctx, n_batch=n_ctx)
+        # perplexity (n_ctx given): one sequence, the whole chunk one batch
+        parallel = 1 if n_ctx else settings.parallel
+        self.llm = load(str(path), settings, n_ctx=n_ctx, n_batch=n_ctx, parallel=parallel)
         self.on_gpu = offloads_to_gpu(settings)
         self.device = provenance.gpus()[0]["name"] if self.on_gpu else "cpu"
         self.n_vocab = self.llm.n_vocab()
@@ -522,8 +670,13 @@ class LlamaCppModel:
     def generate(self, prompts, sampling: Sampling):
         from llmpipe.evaluation.backend import Generation
 
-        results = generate(self.llm, prompts, sampling)
-        return Generation(results, decode_steps=sum(r.decode_tokens for r in results))
+        run = decode(self.llm, prompts, sampling)
+        return Generation(
+            run.results,
+            decode_steps=run.decode_steps,
+            decode_s=run.decode_s,
+            sequences=run.parallel,
+        )
 
     def tokenize(self, text: str) -> list[int]:
         return tokenize(self.llm, text)

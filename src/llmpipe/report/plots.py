@@ -93,11 +93,14 @@ def plot_tokens_per_s(summary: pd.DataFrame, path: Path) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(summary) + 2), 4.2))
     xs = list(range(len(summary)))
-    width = 0.4
-    ax.bar([x - width / 2 for x in xs], _values(summary, "prefill_tok_s"), width,
-           label="prefill tok/s")  # fmt: skip
-    ax.bar([x + width / 2 for x in xs], _values(summary, "decode_tok_s"), width,
-           label="decode tok/s")  # fmt: skip
+    width = 0.27
+    bars = (
+        ("prefill_tok_s", "prefill tok/s"),
+        ("decode_tok_s_aggregate", "decode tok/s, aggregate (all sequences together)"),
+        ("decode_tok_s_per_sequence", "decode tok/s, per sequence (one prompt's stream)"),
+    )
+    for k, (key, label) in enumerate(bars):
+        ax.bar([x + (k - 1) * width for x in xs], _values(summary, key), width, label=label)
     ax.set_xticks(xs, _bar_labels(summary), fontsize=7)
     ax.set_yscale("log")
     _plain_log_ticks(ax)

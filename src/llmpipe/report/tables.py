@@ -30,7 +30,9 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "bits_per_weight": FLOAT,
     "load_s": FLOAT,
     "prefill_tok_s": FLOAT,
-    "decode_tok_s": FLOAT,
+    # decode: all sequences together, and what one prompt's stream sees (farm.decode_speeds)
+    "decode_tok_s_aggregate": FLOAT,
+    "decode_tok_s_per_sequence": FLOAT,
     "tokens_per_min": FLOAT,
     "wall_s": FLOAT,
     "ppl": FLOAT,
@@ -49,6 +51,7 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "load_source": TEXT,
     "prompt_tokens": INT,
     "generated_tokens": INT,
+    "decode_sequences": INT,  # prompts decoded together at most (parallel, batch_size)
     "kld_p99": FLOAT,
     "bytes_per_token": FLOAT,
     "peak_bandwidth_gb_s": FLOAT,
@@ -340,7 +343,9 @@ def speed_table(summary: pd.DataFrame) -> str:
         "Load s": lambda r: fmt(r["load_s"]),
         "Loaded from": lambda r: text(r["load_source"]),
         "Prefill tok/s": lambda r: fmt(r["prefill_tok_s"], ".1f"),
-        "Decode tok/s": lambda r: fmt(r["decode_tok_s"], ".1f"),
+        "Decode tok/s aggregate": lambda r: fmt(r["decode_tok_s_aggregate"], ".1f"),
+        "Decode tok/s per sequence": lambda r: fmt(r["decode_tok_s_per_sequence"], ".1f"),
+        "Sequences": lambda r: fmt(r["decode_sequences"], ".0f"),
         "Tokens/min": lambda r: fmt(r["tokens_per_min"], ".0f"),
         "GB/s": lambda r: fmt(r["achieved_gb_s"]),
         "Roofline %": lambda r: fmt(r["roofline_pct"], ".1f"),
@@ -348,7 +353,7 @@ def speed_table(summary: pd.DataFrame) -> str:
         "Peak VRAM MiB": lambda r: fmt(r["peak_vram_mb"], ".0f", missing="-"),
         "Predicted MiB": lambda r: fmt(r["predicted_mem_mb"], ".0f"),
     }
-    return markdown_table(summary, cells, "llrl" + "r" * 8)
+    return markdown_table(summary, cells, "llrl" + "r" * 10)
 
 
 def figures_table(summary: pd.DataFrame) -> str:
