@@ -58,8 +58,8 @@ def section(table: pd.DataFrame, not_run: Mapping[str, str]) -> list[str]:
     ]
     if not table.empty:
         out += [
-            "| Model | Variant | Placement | Where | Prefill tok/s | Decode tok/s | Load s | "
-            "GB moved | Load GB/s |",
+            "| Model | Variant | Placement | Where | Prefill tok/s | Decode tok/s (1 sequence) | "
+            "Load s | GB moved | Load GB/s |",
             "|:--|:--|:--|:--|--:|--:|--:|--:|--:|",
         ]
         for r in table.to_dict("records"):
