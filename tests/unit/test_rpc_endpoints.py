@@ -14,9 +14,6 @@ def test_endpoints_are_checked(bad):
         rpc.check_endpoint(bad)
 
 
-def test_a_port_per_job_and_node(monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    ports = [rpc.job_port(i) for i in range(4)]
-    assert len(set(ports)) == 4 and all(1024 < p < 65536 for p in ports)
-    monkeypatch.setenv("SLURM_JOB_ID", "4243")
-    assert not set(ports) & {rpc.job_port(i) for i in range(4)}
+def test_the_node_side_refuses_a_bad_host():
+    with pytest.raises(ConfigError, match="host:port"):
+        rpc.main(["serve", "bad host", "1", "/nonexistent/port"])

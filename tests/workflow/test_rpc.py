@@ -88,3 +88,26 @@ def test_a_server_that_cannot_start_is_one_clear_error(gguf, tmp_path):
                 rpc.wait_listening([server], timeout=5)
         finally:
             rpc.stop([server])
+
+
+def test_the_node_side_serves_on_a_free_port_and_stops_on_sigterm(tmp_path):
+    """What slurm_servers runs on each node: rpc-server on a port free there, told back through
+    a file; SIGTERM (stopping the srun) stops the server too."""
+    import signal
+    import time
+
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmpipe.evaluation.rpc", "serve", "127.0.0.1", "1", str(port_file)]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        endpoint = f"127.0.0.1:{int(port_file.read_text())}"
+        assert not _port_free(endpoint)  # listening
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) is not None
+    time.sleep(0.5)
+    assert _port_free(endpoint)

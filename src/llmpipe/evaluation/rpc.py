@@ -26,11 +26,13 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmpipe import atomic
 from llmpipe.errors import ConfigError, PipelineError
 from llmpipe.paths import llama_tool
 
@@ -216,11 +218,36 @@ def slurm_nodes() -> list[tuple[str, str]]:
     return out
 
 
-def job_port(index: int) -> int:
-    """A port per job and node: several jobs may share a node, and in a test cluster several
-    "nodes" share one host."""
-    job = int(os.environ.get("SLURM_JOB_ID", "0"))
-    return 20000 + (job % 2000) * 16 + index % 16
+def serve(host: str, threads: int, port_file: str | os.PathLike, tries: int = 8) -> int:
+    """On a node (the task ``slurm_servers`` starts there): ``rpc-server`` on a port that is
+    free on this node, written to ``port_file`` once the server is up; another try on another
+    port when something takes the port first. Returns the server's exit status; SIGTERM (what
+    stopping the srun sends) is passed on to the server."""
+    for _ in range(tries):
+        proc = subprocess.Popen(_server_command(free_port(host), threads, host))
+        port = int(proc.args[proc.args.index("-p") + 1])
+        try:
+            proc.wait(timeout=1.0)  # it exits at once when it cannot bind
+            continue
+        except subprocess.TimeoutExpired:
+            pass
+        signal.signal(signal.SIGTERM, lambda *_, server=proc: server.terminate())
+        atomic.write_text(port_file, f"{port}\n")
+        return proc.wait()
+    raise PipelineError(f"rpc-server on {host}: no free port after {tries} tries")
+
+
+def _wait_port(port_file: Path, proc: subprocess.Popen, node: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while not port_file.exists():
+        if proc.poll() is not None:
+            raise PipelineError(
+                f"rpc-server on {node} exited with {proc.returncode} before it listened"
+            )
+        if time.monotonic() > deadline:
+            raise PipelineError(f"rpc-server on {node}: no port after {timeout:.0f} s")
+        time.sleep(0.2)
+    return int(port_file.read_text())
 
 
 @contextlib.contextmanager
@@ -228,25 +255,32 @@ def slurm_servers(
     threads: int = 1, log_dir: str | os.PathLike | None = None
 ) -> Iterator[list[Server]]:
     """One rpc-server per node of this Slurm allocation (``srun`` one task on each node, the
-    job's step on it), listening on the node's address; stopped by PID when the block ends."""
+    job's step on it), listening on the node's address on a port free there (the node tells
+    it back through a file in ``log_dir``, or the working folder: a folder every node sees);
+    stopped by PID when the block ends."""
     servers: list[Server] = []
+    shared = Path(log_dir or ".")
+    shared.mkdir(parents=True, exist_ok=True)
+    job = os.environ.get("SLURM_JOB_ID", "local")
     try:
-        for i, (name, address) in enumerate(slurm_nodes()):
-            port = job_port(i)
+        port_files = []
+        for name, address in slurm_nodes():
+            port_file = shared / f".rpc-port-{job}-{name}"
+            port_file.unlink(missing_ok=True)
             # Bound to the node's own address (the cluster network), never 0.0.0.0: the RPC
             # protocol has no authentication.
             command = [
-                "srun",
-                "--nodes=1",
-                "--ntasks=1",
-                f"--nodelist={name}",
-                "--overlap",
-                f"--cpus-per-task={threads}",
-                "--kill-on-bad-exit=1",
-                *_server_command(port, threads, address),
-            ]
-            proc = _start(command, log_dir, name)
-            servers.append(Server(f"{address}:{port}", proc, node=name))
+                "srun", "--nodes=1", "--ntasks=1", f"--nodelist={name}", "--overlap",
+                f"--cpus-per-task={threads}", "--kill-on-bad-exit=1",
+                sys.executable, "-m", "llmpipe.evaluation.rpc", "serve", address,
+                str(threads), str(port_file),
+            ]  # fmt: skip
+            servers.append(Server(address, _start(command, log_dir, name), node=name))
+            port_files.append(port_file)
+        for server, port_file in zip(servers, port_files, strict=True):
+            port = _wait_port(port_file, server.process, server.node, timeout=120.0)
+            port_file.unlink(missing_ok=True)
+            server.endpoint = f"{server.endpoint}:{port}"
         wait_listening(servers, timeout=120.0)
         yield servers
     finally:
@@ -371,6 +405,11 @@ def compare_hosts(
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the node side of slurm_servers: serve HOST THREADS PORT_FILE
+        host, threads, port_file = argv[1:4]
+        return serve(check_endpoint(f"{host}:1").rsplit(":", 1)[0], int(threads), port_file)
 
     from llmpipe import config as cfg
 
