@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe import atomic, provenance
-from llmpipe.errors import ConfigError, ResourceError
+from llmpipe.errors import ConfigError
 from llmpipe.resources import Usage
 
 # Task types a backend cannot score, with the reason written into the record instead.
@@ -107,22 +107,13 @@ def flatten(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _hf_model(path: Path, tasks_cfg: dict, transformers_cfg: dict, threads: int):
     """lm-eval's hf model with evaluate.transformers' device and dtype, resolved as the
-    transformers backend does (auto: CUDA when torch sees one; float16 there, V100 has no bf16;
-    float32 on the CPU)."""
+    transformers backend resolves them (``hf_backend.resolve``)."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    device = transformers_cfg["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ResourceError(
-            "evaluate.transformers.device is 'cuda' but torch sees no GPU (run the job on a GPU "
-            "node, or set device: cpu)"
-        )
-    dtype = transformers_cfg["dtype"]
-    if dtype == "auto":
-        dtype = "float16" if device == "cuda" else "float32"
+    from llmpipe.evaluation.hf_backend import HFSettings, resolve
+
+    device, dtype = resolve(HFSettings.from_config(transformers_cfg, threads))
     torch.set_num_threads(threads)
     model = HFLM(
         pretrained=str(path),
