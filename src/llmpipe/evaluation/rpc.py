@@ -34,6 +34,7 @@ from pathlib import Path
 
 from llmpipe import atomic
 from llmpipe.errors import ConfigError, PipelineError
+from llmpipe.evaluation.server import free_port
 from llmpipe.paths import llama_tool
 
 # host:port, with a host of safe characters only (a hostname or an IPv4 address).
@@ -132,12 +133,6 @@ class Server:
     @property
     def pid(self) -> int:
         return self.process.pid
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(servers: Sequence[Server], timeout: float = 60.0) -> None:

@@ -30,10 +30,11 @@ STARTUP_TIMEOUT_S = 600
 STOP_GRACE_S = 10
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the kernel's choice; the server binds it right after)."""
+def free_port(host: str = HOST) -> int:
+    """A TCP port nobody listens on now on ``host`` (the kernel's choice; the server binds it
+    right after)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
