@@ -111,3 +111,16 @@ def test_summary_section_lists_what_ran_and_what_did_not(tmp_path):
     assert "- `1-gpu`: needs 1 GPU(s) per host" in lines
     assert report_placements.section(table.iloc[0:0], {}) == []
     assert report_placements.plot(table, tmp_path / "p.png") == str(tmp_path / "p.png")
+
+
+def test_the_build_is_read_from_its_recorded_flags_and_the_library_agrees(monkeypatch):
+    from llmpipe import paths
+
+    recorded = (pl.gpu_build(), pl.rpc_build())
+    monkeypatch.setattr(paths, "llama_build_flags", lambda: None)  # no FLAGS: ask the library
+    assert (pl.gpu_build(), pl.rpc_build()) == recorded
+    cuda = "-DGGML_NATIVE=OFF -DGGML_RPC=ON -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=70"
+    monkeypatch.setattr(paths, "llama_build_flags", lambda: cuda)
+    assert pl.gpu_build() and pl.rpc_build()
+    monkeypatch.setattr(paths, "llama_build_flags", lambda: "-DGGML_NATIVE=OFF")
+    assert not pl.gpu_build() and not pl.rpc_build()

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llmpipe import atomic, provenance
+from llmpipe import atomic, paths, provenance
 from llmpipe import config as cfg
 from llmpipe.errors import ConfigError
 
@@ -82,17 +83,27 @@ def placements(section: dict) -> list[Placement]:
 
 # llama.cpp's backends that are not a GPU (llama_supports_gpu_offload() is true for RPC too).
 NOT_GPU_BACKENDS = {"CPU", "RPC", "BLAS"}
+GPU_FLAG = re.compile(r"-DGGML_(CUDA|HIP|MUSA|SYCL|VULKAN|METAL)=(ON|1|TRUE|YES)\b", re.I)
+RPC_FLAG = re.compile(r"-DGGML_RPC=(ON|1|TRUE|YES)\b", re.I)
 
 
 def gpu_build() -> bool:
     """Whether this llama.cpp build has a GPU backend (CUDA …): decided from the build, not
-    from this machine's devices, so a login node without a GPU plans GPU placements too."""
+    from this machine's devices, so a login node without a GPU plans GPU placements too. The
+    planner asks on every parse of the Snakefile: the flags setup recorded (a file read) when
+    there are any, else the loaded library's backend registries."""
+    flags = paths.llama_build_flags()
+    if flags is not None:
+        return bool(GPU_FLAG.search(flags))
     from llmpipe.evaluation import rpc
 
     return any(name not in NOT_GPU_BACKENDS for name in rpc.backend_registries())
 
 
 def rpc_build() -> bool:
+    flags = paths.llama_build_flags()
+    if flags is not None:
+        return bool(RPC_FLAG.search(flags))
     import llama_cpp
 
     return bool(llama_cpp.llama_supports_rpc())
