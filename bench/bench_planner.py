@@ -48,6 +48,7 @@ REFERENCE = "F16"
 SHARDS = <shards>
 BACKENDS = {"llama.cpp": [REFERENCE, *QUANTS], "transformers": ["hf"]}
 ITEMS = [f"{i}-of-{SHARDS}" for i in range(1, SHARDS + 1)]
+PLACEMENTS = [f"results/eval/{m}/placements/{p}.json" for m in MODELS for p in ("cpu-1-thread", "cpu", "2-hosts")]
 
 wildcard_constraints:
     model="|".join(MODELS),
@@ -64,6 +65,7 @@ rule all:
         [f"results/gguf/{m}/{m}-{v}.{e}" for m in MODELS for v in [REFERENCE, *QUANTS] for e in ("gguf", "json")],
         EVALS,
         [p.replace(".json", ".texts.jsonl") for p in EVALS],
+        PLACEMENTS,
         "results/stats/summary.csv",
         "results/stats/summary.md",
 
@@ -131,8 +133,13 @@ rule evaluate:
     output: result="results/eval/{model}/{variant}-{backend}.json", texts="results/eval/{model}/{variant}-{backend}.texts.jsonl"
     shell: "touch {output}"
 
+rule evaluate_placement:
+    input: gguf="results/gguf/{model}/{model}-F16.gguf"
+    output: "results/eval/{model}/placements/{placement}.json"
+    shell: "touch {output}"
+
 rule aggregate_stats:
-    input: evals=EVALS, records=[f"results/gguf/{m}/{m}-{v}.json" for m in MODELS for v in [REFERENCE, *QUANTS]] + [f"results/models/{m}/manifest.json" for m in MODELS] + [f"results/staged/{m}/stage.json" for m in MODELS]
+    input: evals=EVALS, placements=PLACEMENTS, records=[f"results/gguf/{m}/{m}-{v}.json" for m in MODELS for v in [REFERENCE, *QUANTS]] + [f"results/models/{m}/manifest.json" for m in MODELS] + [f"results/staged/{m}/stage.json" for m in MODELS]
     output: summary="results/stats/summary.csv", md="results/stats/summary.md", resources="results/stats/resources.csv", plots=directory("results/stats/plots"), provenance="results/stats/provenance.json"
     shell: "mkdir -p {output.plots} && touch {output.summary} {output.md} {output.resources} {output.provenance}"
 """  # noqa: E501
