@@ -19,17 +19,6 @@ pytestmark = pytest.mark.slurm
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
 
 
-@pytest.fixture(scope="module")
-def cluster(slurm_cluster: LocalSlurmCluster) -> LocalSlurmCluster:
-    """The session's cluster, provided jobs can reach it with srun (see conftest.py)."""
-    if not slurm_cluster.jobs_see_config:
-        msg = "another local Slurm cluster owns /etc/slurm/slurm.conf: jobs cannot reach ours"
-        if os.environ.get("LLMPIPE_REQUIRE_SLURM") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return slurm_cluster
-
-
 def _two_node_job(cluster: LocalSlurmCluster, out: Path, command: str, minutes: int = 5) -> str:
     """Run ``command`` as a batch job of two nodes (one task each) and return its output."""
     job = cluster.sbatch(

@@ -20,17 +20,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 GGUF_TARGETS = [f"results/gguf/smollm2/smollm2-{v}.json" for v in ("F16", "Q8_0", "Q4_K_M")]
 
 
-@pytest.fixture
-def cluster(slurm_cluster):
-    """The session's cluster, provided jobs can reach it with srun (see conftest.py)."""
-    if not slurm_cluster.jobs_see_config:
-        msg = "another local Slurm cluster owns /etc/slurm/slurm.conf: jobs cannot reach ours"
-        if os.environ.get("LLMPIPE_REQUIRE_SLURM") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return slurm_cluster
-
-
 def profile_args(cluster) -> list[str]:
     """The real profile, with the test cluster's account and fast polling (the site's values in
     profiles/slurm/config.yaml are for production)."""
