@@ -9,11 +9,15 @@ default: the current directory. Parts (all by default):
   iteration, do_sample=True) vs our transformers evaluate, same HF model, the 10 prompts,
   max_new_tokens 100, the same sampling (temperature 1, top-k 50: transformers' defaults).
   Ratio of generated tokens/s (generation time; both load the model once), three rounds in
-  alternation, median and best. Goal >= 8.
+  alternation, median and best. No goal on the CPU any more: the x8 that issue 6 asked of
+  the laptop demo came from a CPU decoder of our own, retired for transformers' ``generate``
+  (issue 14), whose batch pays on a GPU (``bench/gpu_check.py`` runs the same comparison there).
 - ``pair``: our transformers evaluate (``hf_backend.generate``) / one plain batched
   ``model.generate`` of the same prompts, in the same process on the same loaded model,
-  alternating three times, greedy (identical tokens required) and sampled. Goal >= 1.0: the
-  batching, per-prompt seeds and first-token clock of ours cost nothing measurable.
+  alternating five times in ABBA order, greedy (identical tokens required) and sampled; the
+  verdict is the median of the rounds' ratios (a round's two runs see the same machine).
+  Goal >= 1.0: the batching, per-prompt seeds and first-token clock of ours cost nothing
+  measurable.
 - ``roofline``: our llama.cpp evaluate's decode ``achieved_gb_s`` / the bandwidth probe, on a
   random-init Llama-shaped model of ~1.2 B parameters (made once under .deps/bench/, converted
   to F32, F16 and Q8_0 GGUFs with the workflow's own code), and on SmolLM2 (overhead-bound).
@@ -164,11 +168,11 @@ def part_seed(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
             f"({len(prompts)} prompts, 100 new)",
             f"{mine:.1f} tok/s",
             f"{theirs:.1f} tok/s",
-            f"{mine / theirs:.2f}x (goal >= 8)",
+            f"{mine / theirs:.2f}x",
         )
 
 
-def part_pair(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
+def part_pair(run: Path, threads: int, tmp: Path, rounds: int = 5) -> None:
     """Ours (``hf_backend.generate``) vs one plain batched ``model.generate`` of the same
     prompts, in the same process on the same loaded model, alternating ``rounds`` times:
     greedy (the tokens must be identical) and sampled (the seed recipe's sampling; per-prompt
@@ -178,12 +182,14 @@ def part_pair(run: Path, threads: int, tmp: Path, rounds: int = 3) -> None:
     for mode in ("greedy", "sampled"):
         mine, theirs = pair[mode]["ours"], pair[mode]["plain"]
         same = pair[mode].get("same_tokens")
+        ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+        say(f"  {mode}: ours / plain per round " + " ".join(f"{r:.2f}" for r in ratios))
         row(
-            f"transformers tok/s, ours / plain batched generate, {mode}, median of {rounds}"
+            f"transformers tok/s, ours / plain batched generate, {mode}, median round of {rounds}"
             + (" (identical tokens)" if same else ""),
             f"{statistics.median(mine):.1f} tok/s",
             f"{statistics.median(theirs):.1f} tok/s",
-            f"{statistics.median(mine) / statistics.median(theirs):.2f}x (goal >= 1.0)",
+            f"{statistics.median(ratios):.2f}x (goal >= 1.0)",
         )
 
 
@@ -213,7 +219,7 @@ def plain_generate(model, tokenizer, prompts: list[str], sampling) -> tuple[list
     return tokens, seconds
 
 
-def child_pair(hf: str, threads: int, rounds: int = 3) -> dict:
+def child_pair(hf: str, threads: int, rounds: int = 5) -> dict:
     from llmpipe.evaluation import hf_backend as hb
     from llmpipe.evaluation.records import Sampling
 
@@ -227,14 +233,19 @@ def child_pair(hf: str, threads: int, rounds: int = 3) -> dict:
         ("sampled", Sampling(max_new_tokens=100, temperature=1.0, top_k=50)),
     ):
         ours, plain, same = [], [], True
-        for _ in range(rounds):
-            start = time.perf_counter()
-            results, _ = hb.generate(model, tokenizer, device, list(enumerate(prompts)),
-                                     sampling, 16)  # fmt: skip
-            seconds = time.perf_counter() - start
-            ours.append(sum(r.generated_tokens for r in results) / seconds)
-            tokens, seconds = plain_generate(model, tokenizer, prompts, sampling)
-            plain.append(sum(len(t) for t in tokens) / seconds)
+        for rnd in range(rounds):
+            # ABBA order: the one that runs second in a round (warmer caches, or a load that
+            # came and went) alternates, so the order's own effect cancels out of the medians.
+            for side in ("ours", "plain") if rnd % 2 == 0 else ("plain", "ours"):
+                if side == "ours":
+                    start = time.perf_counter()
+                    results, _ = hb.generate(model, tokenizer, device, list(enumerate(prompts)),
+                                             sampling, 16)  # fmt: skip
+                    seconds = time.perf_counter() - start
+                    ours.append(sum(r.generated_tokens for r in results) / seconds)
+                else:
+                    tokens, seconds = plain_generate(model, tokenizer, prompts, sampling)
+                    plain.append(sum(len(t) for t in tokens) / seconds)
             same = same and [r.token_ids for r in results] == tokens
         result[mode] = {"ours": ours, "plain": plain}
         if sampling.greedy:
