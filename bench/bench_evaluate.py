@@ -219,7 +219,7 @@ def plain_generate(model, tokenizer, prompts: list[str], sampling) -> tuple[list
     return tokens, seconds
 
 
-def child_pair(hf: str, threads: int, rounds: int = 5) -> dict:
+def child_pair(hf: str, threads: int, rounds: int) -> dict:
     from llmpipe.evaluation import hf_backend as hb
     from llmpipe.evaluation.records import Sampling
 
@@ -227,6 +227,18 @@ def child_pair(hf: str, threads: int, rounds: int = 5) -> dict:
     settings = hb.HFSettings.from_config({"device": "auto", "tune_threads": False}, threads)
     model, tokenizer, device, _ = hb.load(hf, settings)
     hb.warm_up(model, tokenizer, device)
+
+    def run_ours(sampling):
+        start = time.perf_counter()
+        results, _ = hb.generate(model, tokenizer, device, list(enumerate(prompts)),
+                                 sampling, 16)  # fmt: skip
+        seconds = time.perf_counter() - start
+        return [r.token_ids for r in results], sum(r.generated_tokens for r in results) / seconds
+
+    def run_plain(sampling):
+        tokens, seconds = plain_generate(model, tokenizer, prompts, sampling)
+        return tokens, sum(len(t) for t in tokens) / seconds
+
     result = {}
     for mode, sampling in (
         ("greedy", Sampling(max_new_tokens=100, temperature=0.0)),
@@ -234,19 +246,14 @@ def child_pair(hf: str, threads: int, rounds: int = 5) -> dict:
     ):
         ours, plain, same = [], [], True
         for rnd in range(rounds):
-            # ABBA order: the one that runs second in a round (warmer caches, or a load that
-            # came and went) alternates, so the order's own effect cancels out of the medians.
-            for side in ("ours", "plain") if rnd % 2 == 0 else ("plain", "ours"):
-                if side == "ours":
-                    start = time.perf_counter()
-                    results, _ = hb.generate(model, tokenizer, device, list(enumerate(prompts)),
-                                             sampling, 16)  # fmt: skip
-                    seconds = time.perf_counter() - start
-                    ours.append(sum(r.generated_tokens for r in results) / seconds)
-                else:
-                    tokens, seconds = plain_generate(model, tokenizer, prompts, sampling)
-                    plain.append(sum(len(t) for t in tokens) / seconds)
-            same = same and [r.token_ids for r in results] == tokens
+            # ABBA order: which one runs second in a round (warmer caches, a load that came
+            # and went) alternates, so the order's own effect cancels out of the rounds' ratios.
+            sides = (run_ours, run_plain) if rnd % 2 == 0 else (run_plain, run_ours)
+            got = {side: side(sampling) for side in sides}
+            (mine, a), (theirs, b) = got[run_ours], got[run_plain]
+            ours.append(a)
+            plain.append(b)
+            same = same and mine == theirs
         result[mode] = {"ours": ours, "plain": plain}
         if sampling.greedy:
             result[mode]["same_tokens"] = same
